@@ -1,0 +1,1 @@
+"""Spark transforms from raw event files to the bronze and silver tables."""

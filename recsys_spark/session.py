@@ -1,0 +1,88 @@
+"""One SparkSession factory: Delta configured, local defaults, and spark-submit's settings kept.
+
+Under ``spark-submit`` the JVM already exists with the user's configuration; only settings it left
+unset are filled in. Run from plain Python it starts ``local[*]`` with small-machine defaults.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from pyspark import SparkConf
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+DELTA_VERSION = "3.3.2"
+DELTA_PACKAGES = f"io.delta:delta-spark_2.12:{DELTA_VERSION},io.delta:delta-storage:{DELTA_VERSION}"
+DEFAULT_JARS_DIR = os.path.expanduser(f"~/.cache/recsys-spark/jars/delta-{DELTA_VERSION}")
+
+
+def delta_jars(jars_dir: str | None = None) -> list[str]:
+    """The locally cached Delta jars (scripts/setup.sh fetches them), or [] when there are none."""
+    folder = jars_dir or os.environ.get("RECSYS_SPARK_JARS") or DEFAULT_JARS_DIR
+    return sorted(glob.glob(os.path.join(folder, "delta-*.jar")))
+
+
+def _defaults(local: bool) -> dict[str, str]:
+    cores = os.cpu_count() or 2
+    conf = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.legacy.timeParserPolicy": "CORRECTED",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.sql.adaptive.enabled": "true",
+    }
+    if local:
+        # Under spark-submit the jars come from --packages/--jars: the JVM is already up.
+        jars = delta_jars()
+        if jars:
+            conf["spark.jars"] = ",".join(jars)
+        else:
+            conf["spark.jars.packages"] = DELTA_PACKAGES
+        conf.update(
+            {
+                "spark.master": f"local[{cores}]",
+                # 200 shuffle partitions on a laptop is mostly scheduling overhead.
+                "spark.sql.shuffle.partitions": str(max(4, 2 * cores)),
+                "spark.default.parallelism": str(max(2, cores)),
+                "spark.driver.memory": os.environ.get("RECSYS_SPARK_DRIVER_MEMORY", "6g"),
+                "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": "false",
+                "spark.sql.warehouse.dir": os.path.abspath("spark-warehouse"),
+                "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp/derby -Dlog4j2.level=warn",
+            }
+        )
+    return conf
+
+
+def under_spark_submit() -> bool:
+    """True when a JVM launched by spark-submit (or another driver) is already waiting for us."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ or SparkSession.getActiveSession() is not None
+
+
+def get_spark(app_name: str = "recsys-spark", extra_conf: dict[str, str] | None = None) -> SparkSession:
+    """Return the SparkSession, creating it with Delta and local defaults where nothing is set.
+
+    Settings already present (from ``spark-submit --conf``, ``spark-defaults.conf`` or a running
+    session) always win over our defaults; ``extra_conf`` wins over both.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    existing = SparkConf()  # reads spark.* already given to this JVM or process
+    local = not under_spark_submit() and not existing.contains("spark.master")
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in _defaults(local).items():
+        if not existing.contains(key):
+            builder = builder.config(key, value)
+    for key, value in (extra_conf or {}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("RECSYS_SPARK_LOG_LEVEL", "ERROR"))
+    log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
+    return spark

@@ -1,0 +1,178 @@
+"""The table contract (DESIGN section 2): names, locations, schemas and idempotent Delta writes.
+
+Every table lives at ``<warehouse>/<layer>/<name>``. Writes are single Delta commits, so a failed job
+leaves no partial output visible, and each write is keyed so that a re-run for the same inputs leaves
+the table as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from recsys_spark.errors import MissingTableError
+
+log = logging.getLogger(__name__)
+
+# Column names, declared once.
+EVENT_ID = "event_id"
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+EVENT_TYPE = "event_type"
+EVENT_TIME = "event_time"
+EVENT_DATE = "event_date"
+SESSION_ID = "session_id"
+VALUE = "value"
+CATEGORY = "category"
+PRICE = "price"
+SOURCE = "source"
+USER_IDX = "user_idx"
+ITEM_IDX = "item_idx"
+WEIGHT = "weight"
+N_EVENTS = "n_events"
+FIRST_TS = "first_ts"
+LAST_TS = "last_ts"
+SPLIT = "split"
+ITEMS = "items"
+LENGTH = "length"
+RUN_ID = "run_id"
+RUN_DATE = "run_date"
+MODEL = "model"
+RANK = "rank"
+SCORE = "score"
+METRIC = "metric"
+K = "k"
+
+# Sequences are left-padded with this index (item indices themselves are 0..n_items-1).
+PAD_IDX = -1
+
+# Table names, by layer.
+BRONZE_EVENTS = "bronze/events"
+BRONZE_REJECTED = "bronze/events_rejected"
+USER_INDEX = "silver/user_index"
+ITEM_INDEX = "silver/item_index"
+INTERACTIONS = "silver/interactions"
+TRAIN = "silver/train"
+TEST = "silver/test"
+SEQUENCES = "silver/sequences"
+SESSIONS = "silver/sessions"
+USER_EMBEDDINGS = "gold/user_embeddings"
+ITEM_EMBEDDINGS = "gold/item_embeddings"
+RECOMMENDATIONS = "gold/recommendations"
+SIMILAR_ITEMS = "gold/similar_items"
+METRICS = "gold/metrics"
+
+# Which command writes which table: named in errors when a table is missing.
+PRODUCER = {
+    BRONZE_EVENTS: "ingest",
+    BRONZE_REJECTED: "ingest",
+    USER_INDEX: "interactions",
+    ITEM_INDEX: "interactions",
+    INTERACTIONS: "interactions",
+    TRAIN: "interactions",
+    TEST: "interactions",
+    SEQUENCES: "interactions",
+    SESSIONS: "interactions",
+    USER_EMBEDDINGS: "train",
+    ITEM_EMBEDDINGS: "train",
+    RECOMMENDATIONS: "recommend",
+    SIMILAR_ITEMS: "similar-items",
+    METRICS: "evaluate",
+}
+
+EVENTS_SCHEMA = T.StructType(
+    [
+        T.StructField(EVENT_ID, T.StringType(), False),
+        T.StructField(USER_ID, T.StringType(), False),
+        T.StructField(ITEM_ID, T.StringType(), False),
+        T.StructField(EVENT_TYPE, T.StringType(), False),
+        T.StructField(EVENT_TIME, T.TimestampType(), False),
+        T.StructField(SESSION_ID, T.StringType(), True),
+        T.StructField(VALUE, T.DoubleType(), True),
+        T.StructField(CATEGORY, T.StringType(), True),
+        T.StructField(PRICE, T.DoubleType(), True),
+        T.StructField(SOURCE, T.StringType(), True),
+        T.StructField(EVENT_DATE, T.DateType(), False),
+    ]
+)
+
+
+def table_path(warehouse: str, name: str) -> str:
+    """Absolute location of a table; local paths are made absolute, URIs (s3a://, abfss://) kept."""
+    root = warehouse if "://" in warehouse else os.path.abspath(warehouse)
+    return f"{root.rstrip('/')}/{name}"
+
+
+def exists(spark: SparkSession, warehouse: str, name: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, table_path(warehouse, name))
+
+
+def read(spark: SparkSession, warehouse: str, name: str) -> DataFrame:
+    """Read a table, or say which command creates it."""
+    if not exists(spark, warehouse, name):
+        raise MissingTableError(
+            f"table {name} not found under {warehouse}: run `recsys-spark {PRODUCER.get(name, '?')}` first"
+        )
+    return spark.read.format("delta").load(table_path(warehouse, name))
+
+
+def overwrite(df: DataFrame, warehouse: str, name: str, partition_by: list[str] | None = None) -> None:
+    """Replace a whole table in one commit (schema included)."""
+    writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.save(table_path(warehouse, name))
+
+
+def replace_where(df: DataFrame, warehouse: str, name: str, condition: str,
+                  partition_by: list[str] | None = None) -> None:
+    """Atomically replace the rows matching ``condition`` and touch nothing else.
+
+    This is how a re-run of a model for the same run date replaces only its own rows.
+    """
+    path = table_path(warehouse, name)
+    spark = df.sparkSession
+    if not DeltaTable.isDeltaTable(spark, path):
+        writer = df.write.format("delta").mode("overwrite")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.save(path)
+        return
+    df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+
+
+def insert_new(df: DataFrame, warehouse: str, name: str, key: str,
+               partition_by: list[str] | None = None) -> int:
+    """Insert the rows whose ``key`` is not in the table yet; return how many were inserted.
+
+    ``df`` must already be unique on ``key``. With a partition column, the merge condition names it
+    too, so Delta only scans the partitions the new rows fall in.
+    """
+    spark = df.sparkSession
+    path = table_path(warehouse, name)
+    if not DeltaTable.isDeltaTable(spark, path):
+        writer = df.write.format("delta").mode("overwrite")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.save(path)
+        return _last_commit_metric(spark, path, "numOutputRows")
+    on = " AND ".join(f"t.`{c}` = s.`{c}`" for c in [*(partition_by or []), key])
+    table = DeltaTable.forPath(spark, path)
+    before = _last_commit(table)["version"]
+    table.alias("t").merge(df.alias("s"), on).whenNotMatchedInsertAll().execute()
+    commit = _last_commit(table)
+    # A merge that inserts nothing may not commit at all: then nothing was inserted.
+    return int(commit["operationMetrics"].get("numTargetRowsInserted", 0)) if commit["version"] != before else 0
+
+
+def _last_commit(table: DeltaTable) -> dict:
+    row = table.history(1).select("version", "operationMetrics").first()
+    return {"version": row["version"], "operationMetrics": row["operationMetrics"] or {}}
+
+
+def _last_commit_metric(spark: SparkSession, path: str, metric: str) -> int:
+    return int(_last_commit(DeltaTable.forPath(spark, path))["operationMetrics"].get(metric, 0))
