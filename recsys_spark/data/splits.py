@@ -1,0 +1,58 @@
+"""Train/test splits of DESIGN section 4: leave-last-out per user, and one global time cut.
+
+Both return (train, test) frames of indexed interactions; test items are always absent from the same
+user's train part, since the evaluator filters seen items.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys_spark import tables as tb
+from recsys_spark.data.interactions import aggregate
+
+LEAVE_LAST_OUT = "leave_last_out"
+TEMPORAL = "temporal"
+
+
+def leave_last_out(interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Each user's most recent item (ties broken by the larger item index) is the test item.
+
+    Users with a single item stay whole in train: holding it out would leave nothing to learn from.
+    """
+    by_user = Window.partitionBy(tb.USER_IDX)
+    latest = Window.partitionBy(tb.USER_IDX).orderBy(F.desc(tb.LAST_TS), F.desc(tb.ITEM_IDX))
+    ranked = (
+        interactions.withColumn("_n", F.count(F.lit(1)).over(by_user))
+        .withColumn("_pos", F.row_number().over(latest))
+    )
+    is_test = (F.col("_pos") == 1) & (F.col("_n") >= 2)
+    train = ranked.filter(~is_test).drop("_n", "_pos")
+    test = ranked.filter(is_test).drop("_n", "_pos")
+    return train, test
+
+
+def temporal_cutoff(events: DataFrame, test_fraction: float):
+    """The event time before which (1 - test_fraction) of the events fall."""
+    seconds = events.select(F.unix_timestamp(tb.EVENT_TIME).cast("double").alias("t"))
+    (cut,) = seconds.approxQuantile("t", [1.0 - test_fraction], 0.001)
+    return cut
+
+
+def temporal(indexed_events: DataFrame, test_fraction: float) -> tuple[DataFrame, DataFrame]:
+    """Events before one global cut train; later (user, item) pairs of known users and items test.
+
+    Test pairs the user already had before the cut are dropped (the evaluator filters seen items), and
+    so are users and items that never appear before the cut: no model can rank them.
+    """
+    cut = temporal_cutoff(indexed_events, test_fraction)
+    before = F.unix_timestamp(tb.EVENT_TIME) < F.lit(cut)
+    train = aggregate(indexed_events.filter(before), tb.USER_IDX, tb.ITEM_IDX)
+    later = aggregate(indexed_events.filter(~before), tb.USER_IDX, tb.ITEM_IDX)
+    test = (
+        later.join(train.select(tb.USER_IDX).distinct(), tb.USER_IDX, "left_semi")
+        .join(train.select(tb.ITEM_IDX).distinct(), tb.ITEM_IDX, "left_semi")
+        .join(train.select(tb.USER_IDX, tb.ITEM_IDX), [tb.USER_IDX, tb.ITEM_IDX], "left_anti")
+    )
+    return train, test
