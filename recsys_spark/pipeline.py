@@ -78,3 +78,27 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
         weighted.unpersist()
     written = [tb.USER_INDEX, tb.ITEM_INDEX, tb.INTERACTIONS, tb.TRAIN, tb.TEST, tb.SEQUENCES, tb.SESSIONS]
     return {name: tb.read(spark, wh, name).count() for name in written}
+
+
+def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:
+    """Generate the demo's event log under the warehouse (deterministic per seed) and return its path."""
+    from recsys_spark.data import synthetic
+
+    path = tb.table_path(config.warehouse, "raw/synthetic_events")
+    synthetic.write_events(synthetic.generate_events(spark, config.generate), path)
+    return path
+
+
+def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, preset: str,
+                 fmt: str | None = None, sep: str | None = None, run_date=None, echo=print) -> dict:
+    """ingest -> interactions -> train -> recommend -> evaluate, stopping at the first failure."""
+    if path is None:
+        path, preset = synthetic_input(spark, config), "canonical"
+        echo(f"generated a synthetic event log at {path}")
+    summary = run_ingest(spark, config, path, preset, fmt=fmt, sep=sep)
+    echo("\n".join(summary.lines()))
+    counts = run_interactions(spark, config)
+    echo(f"tables under {config.warehouse}:")
+    for name, n in counts.items():
+        echo(f"  {name:<28}{n:>12,} rows")
+    return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts}

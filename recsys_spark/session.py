@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 DELTA_VERSION = "3.3.2"
 DELTA_PACKAGES = f"io.delta:delta-spark_2.12:{DELTA_VERSION},io.delta:delta-storage:{DELTA_VERSION}"
+LOG4J = "file://" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
 DEFAULT_JARS_DIR = os.path.expanduser(f"~/.cache/recsys-spark/jars/delta-{DELTA_VERSION}")
 
 
@@ -54,7 +56,7 @@ def _defaults(local: bool) -> dict[str, str]:
                 "spark.ui.enabled": "false",
                 "spark.ui.showConsoleProgress": "false",
                 "spark.sql.warehouse.dir": os.path.abspath("spark-warehouse"),
-                "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp/derby -Dlog4j2.level=warn",
+                "spark.driver.extraJavaOptions": f"-Dderby.system.home=/tmp/derby -Dlog4j.configurationFile={LOG4J}",
             }
         )
     return conf
@@ -76,6 +78,9 @@ def get_spark(app_name: str = "recsys-spark", extra_conf: dict[str, str] | None 
         return active
     existing = SparkConf()  # reads spark.* already given to this JVM or process
     local = not under_spark_submit() and not existing.contains("spark.master")
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no interface guessing on a laptop
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers use this venv, not PATH's python
     builder = SparkSession.builder.appName(app_name)
     for key, value in _defaults(local).items():
         if not existing.contains(key):

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import IngestConfig
 from recsys_spark.data import sources
-from recsys_spark.data.sources import EXTRA, RAW, SOURCE, Preset, source_column
+from recsys_spark.data.sources import MALFORMED, RAW, SOURCE, Preset, source_column
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def validate(raw: DataFrame, preset: Preset, config: IngestConfig, now: dt.datet
     event_type = canonical_type(type_raw)
 
     reason = (
-        F.when(F.col(EXTRA).isNotNull() & (F.col(EXTRA) != ""), F.lit("malformed_row"))
+        F.when(F.col(MALFORMED).isNotNull(), F.col(MALFORMED))
         .when(utf8_checked(F.col(RAW)).contains("\ufffd"), F.lit("invalid_utf8"))
         .when(_blank(user), F.lit("missing_user_id"))
         .when(_blank(item), F.lit("missing_item_id"))

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RAW = "_raw"
 SOURCE = "_source"
-EXTRA = "_extra"  # catches a token beyond the expected fields: the row has too many fields
+MALFORMED = "_malformed"  # a reader's own reason a row is unreadable (too many fields, not JSON), or null
 FORMATS = ("csv", "json", "parquet", "delta")
 
 
@@ -248,7 +248,14 @@ def _read_csv(spark: SparkSession, path: str, preset: Preset, sep: str) -> DataF
     schema = T.StructType([T.StructField(f"_c{i}", T.StringType()) for i in range(len(columns) + 1)])
     parsed = F.from_csv(F.col("value"), schema.simpleString(), {"sep": sep, "mode": "PERMISSIVE"})
     fields = [parsed[f"_c{i}"].alias(name) for i, name in enumerate(columns)]
-    return lines.select(F.col("value").alias(RAW), *fields, parsed[f"_c{len(columns)}"].alias(EXTRA))
+    extra = parsed[f"_c{len(columns)}"]  # a token beyond the expected fields: the row has too many
+    malformed = F.when(extra.isNotNull() & (extra != ""), F.lit("malformed_row"))
+    return lines.select(F.col("value").alias(RAW), *fields, malformed.alias(MALFORMED))
+
+
+def _not_json(text: Column) -> Column:
+    """True for a line that is not one JSON object (from_json alone yields a struct of nulls)."""
+    return F.get_json_object(text, "$").isNull()
 
 
 def _read_json(spark: SparkSession, path: str, preset: Preset) -> DataFrame:
@@ -259,7 +266,7 @@ def _read_json(spark: SparkSession, path: str, preset: Preset) -> DataFrame:
     return lines.select(
         F.col("value").alias(RAW),
         *[parsed[n].alias(n) for n in names],
-        F.when(parsed.isNull(), F.lit("malformed_json")).alias(EXTRA),
+        F.when(_not_json(F.col("value")), F.lit("malformed_json")).alias(MALFORMED),
     )
 
 
@@ -268,7 +275,7 @@ def _read_otto(spark: SparkSession, path: str) -> DataFrame:
     lines, _ = _text_lines(spark, path)
     sessions = lines.select(F.col("value").alias(RAW), F.from_json("value", OTTO_SCHEMA).alias("s"))
     events = sessions.select(
-        RAW, F.col("s.session").alias("session"), F.col("s").isNull().alias("_bad"),
+        RAW, F.col("s.session").alias("session"), (_not_json(F.col(RAW)) | F.col("s.events").isNull()).alias("_bad"),
         F.explode_outer("s.events").alias("e"),
     )
     return events.select(
@@ -278,7 +285,7 @@ def _read_otto(spark: SparkSession, path: str) -> DataFrame:
         F.col("e.aid").alias("aid"),
         F.col("e.ts").alias("ts"),
         F.col("e.type").alias("type"),
-        F.when(F.col("_bad"), F.lit("malformed_json")).alias(EXTRA),
+        F.when(F.col("_bad"), F.lit("malformed_json")).alias(MALFORMED),
     )
 
 
@@ -293,7 +300,7 @@ def _read_table(spark: SparkSession, path: str, preset: Preset, fmt: str) -> Dat
     return df.select(
         F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias(RAW),
         *[F.col(c).cast("string").alias(c) for c in names],
-        F.lit(None).cast("string").alias(EXTRA),
+        F.lit(None).cast("string").alias(MALFORMED),
     )
 
 

@@ -1,0 +1,188 @@
+"""`recsys-spark <command>`: parses arguments, gets the session, calls the pipeline, reports.
+
+Every command ends with one JSON line on stdout (job, run date, inputs, rows in, rows out, duration).
+A failure exits non-zero with its cause on the last line of stderr: a one-line message for the
+user's mistakes (RecsysError), the first line of Spark's message for analysis errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from recsys_spark.config import PipelineConfig, load_config
+from recsys_spark.errors import RecsysError
+
+log = logging.getLogger("recsys_spark")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline YAML (default: conf/pipeline.yaml when present)")
+    parser.add_argument("--warehouse", help="warehouse root for the Delta tables (default: ./warehouse)")
+    parser.add_argument("--run-date", type=dt.date.fromisoformat, default=None,
+                        help="logical date of the run, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set interactions.min_user_interactions=5")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys-spark", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        return p
+
+    p = add("generate", "write a synthetic e-commerce event log (canonical Parquet)")
+    p.add_argument("--output", required=True, help="output path (Parquet directory)")
+    p.add_argument("--events", type=int, help="approximate number of events")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--days", type=int)
+
+    p = add("ingest", "validate raw events into bronze/events; bad rows to bronze/events_rejected")
+    p.add_argument("--input", required=True, help="file, directory or glob (local, hdfs://, s3a://, ...)")
+    p.add_argument("--preset", default="canonical", help="input format preset (see `recsys-spark presets`)")
+    p.add_argument("--format", dest="fmt", choices=["csv", "json", "parquet", "delta"],
+                   help="file format, when it cannot be inferred from the path")
+    p.add_argument("--sep", help="field separator for CSV, overriding the preset's")
+
+    add("interactions", "bronze/events -> index tables, interactions, splits, sequences, sessions")
+    add("presets", "list the input presets")
+
+    p = add("pipeline", "ingest -> interactions -> train -> recommend -> evaluate for the configured models")
+    p.add_argument("--input", help="raw events to ingest (default: a generated synthetic log)")
+    p.add_argument("--preset", default="canonical")
+    p.add_argument("--format", dest="fmt", choices=["csv", "json", "parquet", "delta"])
+    p.add_argument("--sep")
+    p.add_argument("--models", help="comma-separated model names, overriding conf/pipeline.yaml")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if args.warehouse:
+        overrides.append(f"warehouse={args.warehouse}")
+    if getattr(args, "models", None):
+        overrides.append(f"models=[{args.models}]")
+    return load_config(args.config, overrides)
+
+
+def _spark(app: str):
+    from recsys_spark.session import get_spark
+
+    return get_spark(f"recsys-spark-{app}")
+
+
+def cmd_presets(args, config) -> dict[str, Any]:
+    from recsys_spark.data.sources import PRESETS
+
+    for preset in PRESETS.values():
+        print(f"{preset.name:<18} {preset.description}")
+    return {"rows_out": len(PRESETS)}
+
+
+def cmd_generate(args, config) -> dict[str, Any]:
+    from recsys_spark.data import synthetic
+
+    updates = {k: v for k, v in {"events": args.events, "seed": args.seed, "days": args.days}.items() if v}
+    gen = config.generate.model_copy(update=updates)
+    gen = type(gen).model_validate(gen.model_dump())
+    n = synthetic.write_events(synthetic.generate_events(_spark("generate"), gen), args.output)
+    print(f"wrote {n:,} events to {args.output}")
+    return {"inputs": [], "rows_out": n, "outputs": [args.output]}
+
+
+def cmd_ingest(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    summary = pipeline.run_ingest(_spark("ingest"), config, args.input, args.preset, fmt=args.fmt, sep=args.sep)
+    print("\n".join(summary.lines()))
+    return {"inputs": [args.input], "rows_in": summary.rows_read, "rows_out": summary.accepted,
+            "rejected": summary.rejected_total, "duplicates": summary.duplicates}
+
+
+def _print_tables(counts: dict[str, int], warehouse: str) -> None:
+    print(f"tables under {warehouse}:")
+    for name, n in counts.items():
+        print(f"  {name:<28}{n:>12,} rows")
+
+
+def cmd_interactions(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    counts = pipeline.run_interactions(_spark("interactions"), config)
+    _print_tables(counts, config.warehouse)
+    return {"inputs": ["bronze/events"], "rows_out": counts}
+
+
+def cmd_pipeline(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    spark = _spark("pipeline")
+    result = pipeline.run_pipeline(spark, config, args.input, args.preset, fmt=args.fmt, sep=args.sep,
+                                   run_date=args.run_date, echo=print)
+    return result
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any]]] = {
+    "presets": cmd_presets,
+    "generate": cmd_generate,
+    "ingest": cmd_ingest,
+    "interactions": cmd_interactions,
+    "pipeline": cmd_pipeline,
+}
+
+
+def _spark_message(exc: BaseException) -> str | None:
+    """The first line of a Spark/Py4J error, or None when ``exc`` is not one."""
+    try:
+        from py4j.protocol import Py4JJavaError
+        from pyspark.errors import PySparkException
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, PySparkException):
+        return str(exc).strip().splitlines()[0]
+    if isinstance(exc, Py4JJavaError):
+        return str(exc.java_exception).strip().splitlines()[0]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.run_date is None:
+        args.run_date = dt.datetime.now(dt.UTC).date()
+    started = time.monotonic()
+    summary: dict[str, Any] = {"job": args.command, "run_date": args.run_date.isoformat()}
+    try:
+        config = _config(args)
+        summary["warehouse"] = config.warehouse
+        summary.update(COMMANDS[args.command](args, config))
+        status = 0
+    except RecsysError as exc:
+        summary["error"], status = str(exc), 2
+    except Exception as exc:  # noqa: BLE001 - the cause goes to the last line, the trace to the log
+        message = _spark_message(exc)
+        if message is None:
+            log.exception("%s failed", args.command)
+            message = f"{type(exc).__name__}: {exc}"
+        summary["error"], status = message, 1
+    summary["duration_s"] = round(time.monotonic() - started, 2)
+    summary["status"] = "ok" if status == 0 else "failed"
+    print(json.dumps(summary, default=str))
+    if status:
+        print(f"recsys-spark {args.command}: error: {summary['error']}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
