@@ -53,12 +53,12 @@ class InteractionsConfig(Section):
     # a view the weakest; ratings count as one interaction each (implicit feedback).
     event_weights: dict[str, float] = Field(
         default_factory=lambda: {
-            "view": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 5.0, "rating": 1.0, "remove": 0.0
+            "view": 1.0, "fav": 3.0, "cart": 4.0, "purchase": 5.0, "rating": 1.0, "remove": 0.0
         }
     )
     half_life_days: float | None = Field(None, gt=0, description="exponential time decay; none = off")
     min_user_interactions: int = Field(2, ge=1, description="distinct items per user, iterated")
-    min_item_interactions: int = Field(1, ge=1, description="distinct users per item, iterated")
+    min_item_interactions: int = Field(2, ge=1, description="distinct users per item, iterated")
     max_filter_rounds: int = Field(20, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="temporal split: share of events after cut")
     max_sequence_length: int = Field(50, ge=2)

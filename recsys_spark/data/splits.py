@@ -34,20 +34,20 @@ def leave_last_out(interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 
 def temporal_cutoff(events: DataFrame, test_fraction: float):
-    """The event time before which (1 - test_fraction) of the events fall."""
+    """The event time (epoch seconds) at or before which (1 - test_fraction) of the events fall."""
     seconds = events.select(F.unix_timestamp(tb.EVENT_TIME).cast("double").alias("t"))
     (cut,) = seconds.approxQuantile("t", [1.0 - test_fraction], 0.001)
     return cut
 
 
 def temporal(indexed_events: DataFrame, test_fraction: float) -> tuple[DataFrame, DataFrame]:
-    """Events before one global cut train; later (user, item) pairs of known users and items test.
+    """Events up to one global cut train; later (user, item) pairs of known users and items test.
 
     Test pairs the user already had before the cut are dropped (the evaluator filters seen items), and
     so are users and items that never appear before the cut: no model can rank them.
     """
     cut = temporal_cutoff(indexed_events, test_fraction)
-    before = F.unix_timestamp(tb.EVENT_TIME) < F.lit(cut)
+    before = F.unix_timestamp(tb.EVENT_TIME) <= F.lit(cut)
     train = aggregate(indexed_events.filter(before), tb.USER_IDX, tb.ITEM_IDX)
     later = aggregate(indexed_events.filter(~before), tb.USER_IDX, tb.ITEM_IDX)
     test = (
