@@ -29,6 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="logical date of the run, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set interactions.min_user_interactions=5")
+    parser.add_argument("--run-id", help="id stamped on gold rows (default: the run date)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
 
 
@@ -57,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("interactions", "bronze/events -> index tables, interactions, splits, sequences, sessions")
     add("presets", "list the input presets")
 
+    p = add("train", "fit a model on the run's train split; save it; export embeddings to gold")
+    p.add_argument("--model", required=True, help="model name (als, popularity, itemknn, ncf, sasrec, ...)")
+    p.add_argument("--backend", choices=["horovod", "torch", "local"], help="torch models: how ranks launch")
+    p.add_argument("--num-proc", type=int, help="torch models: number of training ranks")
+    p.add_argument("--resume", action="store_true", help="torch models: continue from the last checkpoint")
+
+    p = add("recommend", "top-k per user into gold/recommendations (train items filtered out)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--k", type=int, help="recommendations per user (default: recommend.k)")
+    p.add_argument("--users", help="comma-separated user ids (default: every user)")
+    p.add_argument("--users-file", help="file with one user id per line")
+    p.add_argument("--exclude-items", help="comma-separated item ids never to recommend")
+
+    p = add("similar-items", "item-to-item top-k into gold/similar_items")
+    p.add_argument("--model", required=True)
+    p.add_argument("--k", type=int, default=20)
+
+    p = add("evaluate", "score the run's recommendations on the test split into gold/metrics")
+    p.add_argument("--models", help="comma-separated model names (default: the configured models)")
+
     p = add("pipeline", "ingest -> interactions -> train -> recommend -> evaluate for the configured models")
     p.add_argument("--input", help="raw events to ingest (default: a generated synthetic log)")
     p.add_argument("--preset", default="canonical")
@@ -72,7 +93,28 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"warehouse={args.warehouse}")
     if getattr(args, "models", None):
         overrides.append(f"models=[{args.models}]")
+    for option in ("backend", "num_proc", "resume"):
+        value = getattr(args, option, None)
+        if value:
+            overrides.append(f"model_params.{args.model}.{option}={str(value).lower()}")
     return load_config(args.config, overrides)
+
+
+def _run(args: argparse.Namespace, config: PipelineConfig):
+    from recsys_spark.pipeline import Run
+
+    return Run.of(config, args.run_date, args.run_id)
+
+
+def _id_list(inline: str | None, path: str | None = None) -> list[str] | None:
+    ids = [x.strip() for x in (inline or "").split(",") if x.strip()]
+    if path:
+        try:
+            with open(path) as fh:
+                ids += [line.strip() for line in fh if line.strip()]
+        except OSError as exc:
+            raise RecsysError(f"cannot read {path}: {exc.strerror}") from None
+    return ids or None
 
 
 def _spark(app: str):
@@ -123,13 +165,49 @@ def cmd_interactions(args, config) -> dict[str, Any]:
     return {"inputs": ["bronze/events"], "rows_out": counts}
 
 
+def cmd_train(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    result = pipeline.run_train(_spark("train"), config, args.model, _run(args, config))
+    print(f"trained {args.model}; saved to {result['path']}")
+    return result
+
+
+def cmd_recommend(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    result = pipeline.run_recommend(
+        _spark("recommend"), config, args.model, _run(args, config), k=args.k,
+        user_ids=_id_list(args.users, args.users_file), exclude_item_ids=_id_list(args.exclude_items),
+    )
+    print(f"wrote {result['rows_out']:,} recommendations of {args.model} to gold/recommendations")
+    return result
+
+
+def cmd_similar_items(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    result = pipeline.run_similar_items(_spark("similar-items"), config, args.model, _run(args, config), args.k)
+    print(f"wrote {result['rows_out']:,} rows of {args.model} to gold/similar_items")
+    return result
+
+
+def cmd_evaluate(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+    from recsys_spark.evaluate import format_table
+
+    run = _run(args, config)
+    metrics = pipeline.run_evaluate(_spark("evaluate"), config, run, config.models)
+    print(f"metrics on the {run.split} split (run {run.run_id}):")
+    print(format_table(metrics))
+    return {"models": config.models, "rows_out": len(metrics)}
+
+
 def cmd_pipeline(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
 
-    spark = _spark("pipeline")
-    result = pipeline.run_pipeline(spark, config, args.input, args.preset, fmt=args.fmt, sep=args.sep,
-                                   run_date=args.run_date, echo=print)
-    return result
+    return pipeline.run_pipeline(_spark("pipeline"), config, args.input, args.preset, fmt=args.fmt,
+                                 sep=args.sep, run=_run(args, config), echo=print)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any]]] = {
@@ -137,6 +215,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any
     "generate": cmd_generate,
     "ingest": cmd_ingest,
     "interactions": cmd_interactions,
+    "train": cmd_train,
+    "recommend": cmd_recommend,
+    "similar-items": cmd_similar_items,
+    "evaluate": cmd_evaluate,
     "pipeline": cmd_pipeline,
 }
 

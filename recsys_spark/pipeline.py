@@ -5,8 +5,14 @@ The CLI, the spark-submit jobs and the Airflow DAG all call these; none holds lo
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
 
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -89,9 +95,164 @@ def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Run:
+    """Identifies one scheduled run: its logical date, its id, and the split models train on."""
+
+    run_date: dt.date
+    run_id: str
+    split: str
+
+    @classmethod
+    def of(cls, config: PipelineConfig, run_date: dt.date | None = None, run_id: str | None = None) -> Run:
+        day = run_date or dt.datetime.now(dt.UTC).date()
+        return cls(day, run_id or day.isoformat(), config.split)
+
+    def where(self, model: str) -> str:
+        """The rows this run owns for a model in a gold table: replaced whole by a re-run."""
+        return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} = '{model}'"
+
+
+def model_path(config: PipelineConfig, model: str, run: Run) -> str:
+    return tb.table_path(config.warehouse, f"models/{model}/{run.run_date.isoformat()}")
+
+
+def _split(spark: SparkSession, config: PipelineConfig, table: str, split: str) -> DataFrame:
+    return tb.read(spark, config.warehouse, table).filter(F.col(tb.SPLIT) == split).drop(tb.SPLIT)
+
+
+def _with_run(df: DataFrame, run: Run, model: str) -> DataFrame:
+    return df.select(
+        F.lit(run.run_id).alias(tb.RUN_ID), F.lit(model).alias(tb.MODEL), F.lit(run.split).alias(tb.SPLIT),
+        *df.columns, F.lit(run.run_date).alias(tb.RUN_DATE),
+    )
+
+
+def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> dict[str, Any]:
+    """Fit a model on the run's train split, save it, and export its embeddings to gold."""
+    from recsys_spark.models import registry
+
+    train = _split(spark, config, tb.TRAIN, run.split)
+    model = registry.build(model_name, config).fit(train)
+    model.save(model_path(config, model_name, run))
+    exported = {}
+    for table, factors, index, idx_col in [
+        (tb.USER_EMBEDDINGS, model.user_factors(), tb.USER_INDEX, tb.USER_IDX),
+        (tb.ITEM_EMBEDDINGS, model.item_factors(), tb.ITEM_INDEX, tb.ITEM_IDX),
+    ]:
+        if factors is None:
+            continue
+        ids = tb.read(spark, config.warehouse, index)
+        rows = _with_run(factors.join(ids, idx_col), run, model_name)
+        tb.replace_where(rows, config.warehouse, table, run.where(model_name))
+        exported[table] = rows.count()
+    return {"model": model_name, "path": model_path(config, model_name, run), "embeddings": exported}
+
+
+def _load_model(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run):
+    from recsys_spark.models import registry
+
+    path = model_path(config, model_name, run)
+    if not os.path.exists(path) and "://" not in path:
+        raise RecsysError(f"no trained {model_name} model for run date {run.run_date} at {path}: "
+                          f"run `recsys-spark train --model {model_name} --run-date {run.run_date}` first")
+    return registry.load(model_name, spark, path)
+
+
+def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
+                  k: int | None = None, user_ids: list[str] | None = None,
+                  exclude_item_ids: list[str] | None = None) -> dict[str, Any]:
+    """Top-k for every user (or ``user_ids``) into gold/recommendations, train items filtered out.
+
+    Users the model cannot score get the popularity model's top-k. A re-run for the same run date and
+    model replaces exactly its own rows in one commit.
+    """
+    from recsys_spark.models.popularity import PopularityRecommender
+    from recsys_spark.recommend import recommend_with_fallback, to_original_ids
+
+    k = k or config.recommend.k
+    wh = config.warehouse
+    model = _load_model(spark, config, model_name, run)
+    train = _split(spark, config, tb.TRAIN, run.split)
+    seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
+    users_index, items_index = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
+    users = users_index
+    if user_ids:
+        users = users_index.filter(F.col(tb.USER_ID).isin(user_ids))
+        unknown = sorted(set(user_ids) - {r[0] for r in users.select(tb.USER_ID).collect()})
+        if unknown:
+            log.warning("%d requested users are not in silver/user_index, e.g. %s", len(unknown), unknown[:5])
+    exclude = []
+    if exclude_item_ids:
+        exclude = [r[0] for r in items_index.filter(F.col(tb.ITEM_ID).isin(exclude_item_ids))
+                   .select(tb.ITEM_IDX).collect()]
+    fallback = PopularityRecommender().fit(train)
+    recs = recommend_with_fallback(model, users.select(tb.USER_IDX), k, seen, exclude, fallback)
+    rows = _with_run(to_original_ids(recs, users_index, items_index), run, model_name).select(
+        tb.RUN_ID, tb.MODEL, tb.SPLIT, tb.USER_ID, tb.RANK, tb.ITEM_ID, tb.SCORE, tb.RUN_DATE
+    )
+    tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name))
+    n = tb.read(spark, wh, tb.RECOMMENDATIONS).filter(run.where(model_name)).count()
+    return {"model": model_name, "rows_out": n}
+
+
+def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
+                      k: int = 20) -> dict[str, Any]:
+    """Item-to-item top-k into gold/similar_items (item_id, similar_item_id, score, rank)."""
+    wh = config.warehouse
+    model = _load_model(spark, config, model_name, run)
+    items = tb.read(spark, wh, tb.ITEM_INDEX)
+    similar = (
+        model.similar_items(k)
+        .join(items, tb.ITEM_IDX)
+        .join(items.select(F.col(tb.ITEM_IDX).alias("similar_item_idx"),
+                           F.col(tb.ITEM_ID).alias("similar_item_id")), "similar_item_idx")
+        .select(tb.ITEM_ID, "similar_item_id", tb.SCORE, tb.RANK)
+    )
+    tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name))
+    return {"model": model_name, "rows_out": tb.read(spark, wh, tb.SIMILAR_ITEMS).filter(run.where(model_name)).count()}
+
+
+def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
+                 models: list[str] | None = None) -> pd.DataFrame:
+    """Score each model's rows of gold/recommendations for this run date on the run's test split.
+
+    Reads the recommendations back from Delta, so the metrics are those of what consumers see.
+    Returns the metrics (model, metric, k, value) as a small pandas frame; rows go to gold/metrics.
+    """
+    from recsys_spark.evaluate import evaluate, with_run_info
+
+    wh = config.warehouse
+    models = models or config.models
+    recs_all = tb.read(spark, wh, tb.RECOMMENDATIONS)
+    train = _split(spark, config, tb.TRAIN, run.split)
+    test = _split(spark, config, tb.TEST, run.split)
+    users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
+    n_items = items.count()
+    frames = []
+    for model_name in models:
+        recs = (
+            recs_all.filter(run.where(model_name)).filter(F.col(tb.SPLIT) == run.split)
+            .join(users, tb.USER_ID).join(items, tb.ITEM_ID)
+            .select(tb.USER_IDX, tb.ITEM_IDX, tb.SCORE, tb.RANK)
+        )
+        if recs.limit(1).count() == 0:
+            raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
+                              f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
+        values = evaluate(recs, test, train, config.evaluate.ks, n_items)
+        rows = with_run_info(values, run.run_id, run.run_date, model_name, run.split)
+        tb.replace_where(rows, wh, tb.METRICS, run.where(model_name))
+        frames.append(values.toPandas().assign(model=model_name))
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, preset: str,
-                 fmt: str | None = None, sep: str | None = None, run_date=None, echo=print) -> dict:
+                 fmt: str | None = None, sep: str | None = None, run: Run | None = None,
+                 echo=print) -> dict[str, Any]:
     """ingest -> interactions -> train -> recommend -> evaluate, stopping at the first failure."""
+    from recsys_spark.evaluate import format_table
+
+    run = run or Run.of(config)
     if path is None:
         path, preset = synthetic_input(spark, config), "canonical"
         echo(f"generated a synthetic event log at {path}")
@@ -101,4 +262,13 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
     echo(f"tables under {config.warehouse}:")
     for name, n in counts.items():
         echo(f"  {name:<28}{n:>12,} rows")
-    return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts}
+    for model_name in config.models:
+        started = time.monotonic()
+        run_train(spark, config, model_name, run)
+        recs = run_recommend(spark, config, model_name, run)
+        echo(f"{model_name}: trained and wrote {recs['rows_out']:,} recommendations "
+             f"({time.monotonic() - started:.1f} s)")
+    metrics = run_evaluate(spark, config, run)
+    echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
+    echo(format_table(metrics))
+    return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts, "models": config.models}

@@ -269,6 +269,7 @@ def block_events(config: GenerateConfig, catalogue: Catalogue, block: int) -> pd
     window = config.days * SECONDS_PER_DAY
     start = np.maximum(0.0, np.minimum(start, window - 1.0 - duration))
     millis = np.floor((start[session] + offset) * 1000.0).astype(np.int64)
+    millis = np.minimum(millis, window * 1000 - 1)  # only a session longer than the whole window needs this
 
     keep = np.lexsort((millis, user))
     user, session, item, kind, millis = user[keep], session[keep], item[keep], kind[keep], millis[keep]
