@@ -44,8 +44,8 @@ class TrainTask(Protocol):
 
 
 class NCFParams(Section):
-    """NCF (He et al. 2017). Defaults follow the paper's set-up (4 negatives per positive, batch 256,
-    Adam 1e-3) with 16 predictive factors, enough for MovieLens-100K's 943 users."""
+    """NCF (He et al. 2017): the network and its loss. Defaults follow the paper's set-up (4 negatives
+    per positive) with 16 predictive factors; optimisation lives in the trainer's ``TrainConfig``."""
 
     model: Literal["gmf", "mlp", "neumf"] = "neumf"
     mf_dim: int = Field(16, gt=0, description="GMF embedding size")
@@ -57,11 +57,7 @@ class NCFParams(Section):
     negatives: Literal["uniform", "popularity"] = "uniform"
     popularity_exponent: float = Field(0.75, ge=0, description="q ∝ count ** exponent")
     weighted: bool = Field(False, description="weigh each positive's loss by its interaction weight")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(256, gt=0)
-    epochs: int = Field(20, gt=0)
-    seed: int = 42
+    seed: int = Field(42, description="negative sampling")
 
     @model_validator(mode="after")
     def _layers(self) -> NCFParams:
@@ -86,10 +82,6 @@ class SASRecParams(Section):
         "uniform", description="in_batch: the batch's other targets, only with sampled_softmax"
     )
     popularity_exponent: float = Field(0.75, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, gt=0)
-    epochs: int = Field(200, gt=0)
     seed: int = 42
 
     @model_validator(mode="after")

@@ -1,0 +1,322 @@
+"""The training loop shared by the deep models: any backend, equal steps on every rank, checkpoints.
+
+A model plugs in as a :class:`TrainTask` (build the module, compute a batch's loss with negatives sampled
+inside, validate). :func:`fit` runs it on one rank of a :class:`~recsys_spark.train.distributed.DistContext`;
+:class:`TrainJob` bundles task, Petastorm converter and config into the picklable function that
+``distributed.launch`` ships to the ranks.
+
+Determinism: the model is built under ``config.seed`` on every rank and rank 0's weights are broadcast;
+each epoch reseeds the global generators (negative sampling, dropout) and the batch order from
+(seed, rank, epoch), so a run resumed from a checkpoint repeats the epochs an uninterrupted run would have
+run (on CPU, bit for bit).
+
+Decisions that end the run (early stopping, errors in validation) are taken on rank 0 and broadcast, so
+every rank stops after the same epoch: a rank that leaves early would hang the others' collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from recsys_spark.config import Section
+from recsys_spark.errors import RecsysError
+from recsys_spark.train import checkpoint as ckpt
+from recsys_spark.train.distributed import DistContext, rank_seed, seed_everything
+from recsys_spark.train.loaders import ShardData, batches, load_shard, shard_to
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RecsysError):
+    """The mean training loss of an epoch is not finite."""
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a model gives the trainer. It is pickled and shipped to every rank: keep it to plain config
+    and small numpy arrays (no SparkSession, no DataFrame, no CUDA tensors).
+
+    ``columns``: the DataFrame columns the loader delivers; a batch maps each to a tensor of
+    ``(batch,)`` or, for fixed-length array columns, ``(batch, length)``.
+
+    ``loss(model, batch)``: the mean loss of one batch, negatives sampled inside (use torch's global
+    generator; the trainer seeds it per rank and epoch). ``model`` is what ``ctx.prepare`` returned:
+    compute outputs by calling ``model(...)`` (DDP averages gradients through ``forward`` only) and
+    reach attributes through ``distributed.unwrap(model)``.
+
+    ``validate(model)``: metrics on the validation data, higher is better (e.g. ``{"ndcg@10": 0.1}``),
+    or ``{}``. Runs on rank 0 only, in eval mode under ``torch.no_grad``, with the unwrapped model.
+
+    Optionally ``model_args``: a JSON-serialisable dict of the model's constructor arguments, recorded
+    in checkpoints (and checked on resume).
+    """
+
+    columns: list[str]
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+
+class TrainConfig(Section):
+    """Optimisation, schedule, early stopping and checkpoints for :func:`fit`.
+
+    Learning rate at global step ``s`` of ``S = epochs * steps_per_epoch``: linear warm-up from
+    ``lr / W`` to ``lr`` over the first ``W = warmup_fraction * S`` steps, then ``schedule``: ``cosine``
+    (half a cosine from ``lr`` down to ``min_lr_fraction * lr`` at the last step), ``linear`` (a straight
+    line to the same floor) or ``constant``. The schedule is a function of the step alone, so a resumed
+    run continues it exactly.
+    """
+
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(1024, gt=0, description="rows per rank per step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of all steps spent warming up")
+    min_lr_fraction: float = Field(0.0, ge=0, le=1, description="final lr as a share of lr")
+    early_stopping_metric: str | None = Field(None, description="validation metric to maximise, e.g. ndcg@10")
+    patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smallest gain that counts as an improvement")
+    seed: int = Field(42, ge=0)
+    checkpoint_dir: str | None = Field(None, description="written by rank 0; shared storage on a cluster")
+    keep_checkpoints: int = Field(2, ge=0, description="epoch checkpoints kept; 0 keeps all")
+    resume: bool = Field(False, description="continue from the last checkpoint in checkpoint_dir")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    progress: bool = Field(True, description="tqdm progress bar on rank 0")
+
+    @model_validator(mode="after")
+    def _resume_needs_dir(self) -> TrainConfig:
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs checkpoint_dir")
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns. Only rank 0's carries weights (other ranks return an empty dict).
+
+    ``state_dict``: CPU weights of the best epoch by ``early_stopping_metric``, or of the last epoch
+    when no metric is set. ``history``: one row per completed epoch (including epochs before a resume):
+    ``epoch`` (1-based), ``train_loss`` (mean over steps and ranks), ``lr``, ``seconds`` and the
+    validation metrics. The same history is on every rank.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    stopped_early: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate at 0-based global ``step`` as a share of ``config.lr`` (see TrainConfig)."""
+    warmup = int(config.warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+    return config.min_lr_fraction + (1.0 - config.min_lr_fraction) * shape
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass
+class _Progress:
+    """Where the run stands; restored from a checkpoint on resume and broadcast from rank 0."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float | None = None
+
+
+def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: int, config: TrainConfig) -> TrainResult:
+    """Train ``task`` on this rank's ``shard`` for ``config.epochs`` epochs of ``steps_per_epoch`` steps.
+
+    Every rank must pass the same ``steps_per_epoch`` (``loaders.steps_per_epoch`` on the driver).
+    Rank 0 validates, writes a checkpoint every epoch (when ``checkpoint_dir`` is set) and decides
+    early stopping; the decision is broadcast, so all ranks stop after the same epoch.
+    """
+    if steps_per_epoch < 1:
+        raise RecsysError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    model_args = dict(getattr(task, "model_args", {}) or {})
+    torch.manual_seed(config.seed)  # the same initial weights everywhere; the broadcast below makes sure
+    model = task.build_model().to(ctx.device)
+    optimizer = make_optimizer(model, config)
+    step_model, optimizer = ctx.prepare(model, optimizer)
+
+    progress, best_state, error = _Progress(), None, None
+    if ctx.is_main and config.resume:
+        try:
+            progress, best_state = _restore(model, optimizer, config, model_args)
+        except Exception as exc:
+            error = f"cannot resume from {config.checkpoint_dir}: {type(exc).__name__}: {exc}"
+    progress, error = ctx.broadcast_object((progress, error))
+    if error:
+        raise RecsysError(error)
+    ctx.broadcast_parameters(model, optimizer)
+
+    shard = shard_to(shard, ctx.device)
+    total_steps = config.epochs * steps_per_epoch
+    autocast = config.bf16 and ctx.device.type == "cuda"
+    # A resumed run that had already run out of patience stays stopped.
+    stopped_early = config.early_stopping_metric is not None and progress.best_epoch is not None and (
+        progress.epoch - progress.best_epoch >= config.patience
+    )
+    last_epoch = progress.epoch if stopped_early else config.epochs
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.epoch * steps_per_epoch,
+        disable=not (ctx.is_main and config.progress),
+        desc="train",
+        unit="step",
+    )
+    with bar:
+        for epoch in range(progress.epoch, last_epoch):
+            started = time.perf_counter()
+            seed_everything(rank_seed(config.seed, ctx.rank, epoch))
+            generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx.rank, epoch, 1))
+            loss_sum = torch.zeros((), device=ctx.device)
+            for step, batch in enumerate(batches(shard, config.batch_size, steps_per_epoch, generator)):
+                lr = config.lr * lr_factor(epoch * steps_per_epoch + step, total_steps, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad()
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = task.loss(step_model, batch)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().float()
+                bar.update(1)
+            train_loss = ctx.allreduce_mean(loss_sum.item() / steps_per_epoch)
+            if not math.isfinite(train_loss):
+                raise TrainingDivergedError(f"mean training loss is {train_loss} in epoch {epoch + 1}")
+
+            decision = None
+            if ctx.is_main:
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                       "seconds": time.perf_counter() - started}
+                decision, best_state = _end_epoch(task, model, optimizer, config, progress, row, best_state,
+                                                  model_args)
+                bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
+            progress, stop, error = ctx.broadcast_object(decision)
+            if error:
+                raise RecsysError(error)
+            if stop:
+                stopped_early = True
+                break
+
+    best_epoch = progress.best_epoch if config.early_stopping_metric else progress.epoch
+    if not ctx.is_main:
+        weights = {}
+    elif config.early_stopping_metric and best_state is not None:
+        weights = best_state
+    else:
+        weights = ckpt.cpu_state(model.state_dict())
+    return TrainResult(weights, progress.history, best_epoch, stopped_early, model_args)
+
+
+def _end_epoch(task, model, optimizer, config, progress, row, best_state, model_args):
+    """Rank 0 after an epoch: validate, update best and history, checkpoint, decide whether to stop.
+
+    Returns ``(progress, stop, error)`` for broadcasting, and the best weights so far. An exception becomes
+    ``error``, so the other ranks raise too instead of waiting for a broadcast that never comes.
+    """
+    try:
+        model.eval()
+        with torch.no_grad():
+            metrics = {name: float(value) for name, value in task.validate(model).items()}
+        model.train()
+        row.update(metrics)
+        progress.history.append(row)
+        progress.epoch = row["epoch"]
+        metric = config.early_stopping_metric
+        improved = False
+        if metric is not None:
+            if metric not in metrics:
+                raise RecsysError(f"early_stopping_metric {metric!r} not among validation metrics {sorted(metrics)}")
+            score = metrics[metric]
+            if progress.best_score is None or score > progress.best_score + config.min_delta:
+                progress.best_epoch, progress.best_score, improved = row["epoch"], score, True
+                best_state = ckpt.cpu_state(model.state_dict())
+        stop = metric is not None and row["epoch"] - progress.best_epoch >= config.patience
+        if config.checkpoint_dir:
+            _write_checkpoints(model, optimizer, config, progress, improved, model_args)
+        log.info("epoch %d: %s", row["epoch"], {k: round(v, 5) for k, v in row.items() if k != "epoch"})
+        if stop:
+            log.info("early stopping: %s has not improved for %d epochs (best %.5f in epoch %d)",
+                     metric, config.patience, progress.best_score, progress.best_epoch)
+        return (progress, stop, None), best_state
+    except Exception as exc:  # reported to every rank, then raised
+        log.exception("rank 0 failed after an epoch")
+        return (progress, False, f"{type(exc).__name__}: {exc}"), best_state
+
+
+def _write_checkpoints(model, optimizer, config, progress, improved, model_args) -> None:
+    state = ckpt.Checkpoint(
+        epoch=progress.epoch,
+        model=ckpt.cpu_state(model.state_dict()),
+        optimizer=optimizer.state_dict(),
+        history=progress.history,
+        best_epoch=progress.best_epoch,
+        best_score=progress.best_score,
+        model_args=model_args,
+        config=config.model_dump(mode="json"),
+    )
+    ckpt.save(ckpt.epoch_path(config.checkpoint_dir, progress.epoch), state)
+    if improved:
+        ckpt.save(f"{config.checkpoint_dir}/{ckpt.BEST_NAME}", state)
+    ckpt.prune(config.checkpoint_dir, config.keep_checkpoints)
+
+
+def _restore(model, optimizer, config, model_args) -> tuple[_Progress, dict[str, torch.Tensor] | None]:
+    """Rank 0: load the last checkpoint (if any) into model and optimizer; return progress and best weights."""
+    path = ckpt.latest(config.checkpoint_dir)
+    if path is None:
+        log.info("resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)
+        return _Progress(), None
+    saved = ckpt.load(path)
+    if saved.model_args != model_args:
+        raise RecsysError(f"{path} was written for model {saved.model_args}, not {model_args}")
+    model.load_state_dict(saved.model)
+    optimizer.load_state_dict(saved.optimizer)
+    best_state = None
+    best_path = f"{config.checkpoint_dir}/{ckpt.BEST_NAME}"
+    if saved.best_epoch is not None:
+        best_state = ckpt.load(best_path).model
+    log.info("resumed from %s after epoch %d", path, saved.epoch)
+    return _Progress(saved.epoch, list(saved.history), saved.best_epoch, saved.best_score), best_state
+
+
+@dataclass
+class TrainJob:
+    """The function ``distributed.launch`` runs on every rank: read this rank's shard, then :func:`fit`.
+
+    Picklable as long as the task is: it holds the task, the Petastorm converter and plain config.
+    """
+
+    task: TrainTask
+    converter: Any
+    steps_per_epoch: int
+    config: TrainConfig
+
+    def __call__(self, ctx: DistContext) -> TrainResult:
+        shard = load_shard(self.converter, ctx.rank, ctx.size, list(self.task.columns))
+        return fit(self.task, ctx, shard, self.steps_per_epoch, self.config)
