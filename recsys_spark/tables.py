@@ -46,6 +46,26 @@ RANK = "rank"
 SCORE = "score"
 METRIC = "metric"
 K = "k"
+POSITION = "position"
+
+# Feature tables (recsys_spark.data.features): the vocabulary's columns, the assembled DeepFM input, and
+# the names of the built-in feature fields. Side-file columns keep their own names as field names.
+FIELD = "field"
+VOCAB_INDEX = "index"
+FIELDS = "fields"
+AGE_BUCKET = "age_bucket"
+GENDER = "gender"
+OCCUPATION = "occupation"
+ZIP_REGION = "zip_region"
+RELEASE_DECADE = "release_decade"
+GENRE_PREFIX = "genre_"
+ACTIVITY_PREFIX = "activity_"
+RECENCY = "recency"
+FAVOURITE_CATEGORY = "favourite_category"
+PRICE_BUCKET = "price_bucket"
+POPULARITY_BUCKET = "popularity_bucket"
+HOUR_OF_DAY = "hour_of_day"
+DAY_OF_WEEK = "day_of_week"
 
 # Sequences are left-padded with this index (item indices themselves are 0..n_items-1).
 PAD_IDX = -1
@@ -60,6 +80,9 @@ TRAIN = "silver/train"
 TEST = "silver/test"
 SEQUENCES = "silver/sequences"
 SESSIONS = "silver/sessions"
+USER_FEATURES = "silver/user_features"
+ITEM_FEATURES = "silver/item_features"
+FEATURE_VOCAB = "silver/feature_vocab"
 USER_EMBEDDINGS = "gold/user_embeddings"
 ITEM_EMBEDDINGS = "gold/item_embeddings"
 RECOMMENDATIONS = "gold/recommendations"
@@ -77,6 +100,9 @@ PRODUCER = {
     TEST: "interactions",
     SEQUENCES: "interactions",
     SESSIONS: "interactions",
+    USER_FEATURES: "features",
+    ITEM_FEATURES: "features",
+    FEATURE_VOCAB: "features",
     USER_EMBEDDINGS: "train",
     ITEM_EMBEDDINGS: "train",
     RECOMMENDATIONS: "recommend",

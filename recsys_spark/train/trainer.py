@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -187,6 +188,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
         disable=not (ctx.is_main and config.progress),
         desc="train",
         unit="step",
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a rank's piped log gets a line every 30 s
     )
     with bar:
         for epoch in range(progress.epoch, last_epoch):

@@ -1,0 +1,257 @@
+"""The Airflow DAG (scripts/airflow/recsys_daily.py) in Airflow's own venv: it imports, has the
+intended shape, and one `airflow dags test` runs the whole day on local Spark into Delta tables.
+
+scripts/setup_airflow.sh makes (or reuses) the Airflow venv. Every Airflow command runs there in a
+subprocess, with a temporary AIRFLOW_HOME (SQLite metadata DB, no examples), the DAG's settings in the
+`recsys_daily` Variable and the Spark connection given through the environment, and this venv's bin
+first on the PATH so that SparkSubmitOperator runs this stack's `spark-submit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.airflow
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_BIN = Path(sys.executable).parent
+RUN_DATE = "2026-11-20"
+MODELS = ["popularity", "als"]
+CONN_ID = "recsys_local_spark"
+K = 10
+# Small enough for a whole run in a few minutes on 2 cores.
+OVERRIDES = [f"recommend.k={K}", "evaluate.ks=[5,10]", "model_params.als.rank=8", "model_params.als.max_iter=3"]
+SPARK_CONF = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2",
+              "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+
+DUMP_DAG = """
+import json, sys
+from airflow.models.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+dag = bag.dags.get("recsys_daily")
+out = {"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()}, "tasks": {}}
+if dag is not None:
+    out["dag"] = {"max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
+                  "timetable": type(dag.timetable).__name__}
+    for t in dag.tasks:
+        out["tasks"][t.task_id] = {
+            "operator": type(t).__name__, "upstream": sorted(t.upstream_task_ids),
+            "retries": t.retries, "backoff": float(t.retry_exponential_backoff),
+            "retry_delay_s": t.retry_delay.total_seconds(), "max_retry_delay_s": t.max_retry_delay.total_seconds(),
+            "application": t.application, "args": t.application_args, "conf": t.conf, "jars": t.jars,
+            "packages": t.packages, "py_files": t.py_files, "conn_id": t._conn_id,
+        }
+print("DAG-JSON " + json.dumps(out))
+"""
+
+
+class Airflow:
+    """Runs the Airflow CLI (or Python) of the Airflow venv with one AIRFLOW_HOME and environment."""
+
+    def __init__(self, venv: Path, home: Path, settings: dict, log_dir: Path):
+        self.venv, self.home, self.log_dir = venv, home, log_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYSPARK_GATEWAY"))}
+        env.update({
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "scripts" / "airflow"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "PATH": f"{PROJECT_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "SPARK_LOCAL_IP": "127.0.0.1",
+            f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps({
+                "conn_type": "spark", "host": "local[2]",
+                "extra": {"spark-binary": "spark-submit", "deploy-mode": "client"},
+            }),
+        })
+        self.env = env
+        self.settings = settings
+
+    def run(self, *args: str, settings: dict | None = None, timeout: float = 300,
+            log: str | None = None) -> subprocess.CompletedProcess:
+        env = dict(self.env, AIRFLOW_VAR_RECSYS_DAILY=json.dumps(settings or self.settings))
+        cmd = [str(self.venv / "bin" / args[0]), *args[1:]]
+        if log is None:
+            return subprocess.run(cmd, env=env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
+        path = self.log_dir / log
+        with open(path, "w") as fh:
+            done = subprocess.run(cmd, env=env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout)
+        done.stdout = path.read_text()
+        return done
+
+    def dag(self, settings: dict | None = None) -> dict:
+        done = self.run("python", "-c", DUMP_DAG, str(REPO / "scripts" / "airflow"), settings=settings)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(x for x in done.stdout.splitlines() if x.startswith("DAG-JSON "))
+        return json.loads(line.removeprefix("DAG-JSON "))
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def airflow_venv() -> Path:
+    done = subprocess.run(["bash", str(REPO / "scripts" / "setup_airflow.sh")], capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory) -> Path:
+    """A small synthetic event log, written by the project's CLI."""
+    path = tmp_path_factory.mktemp("airflow-input") / "events.parquet"
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys_spark", "generate", "--events", "3000", "--seed", "7", "--output", str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RECSYS_SPARK_DRIVER_MEMORY": "1g"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return path
+
+
+@pytest.fixture(scope="module")
+def airflow(airflow_venv, events, tmp_path_factory) -> Airflow:
+    root = tmp_path_factory.mktemp("airflow")
+    settings = {
+        "models": MODELS,
+        "warehouse": str(root / "warehouse"),
+        "input": str(events),
+        "spark_conn_id": CONN_ID,
+        "python": sys.executable,
+        "overrides": OVERRIDES,
+        "spark_conf": SPARK_CONF,
+    }
+    af = Airflow(airflow_venv, root / "home", settings, root)
+    af.home.mkdir()
+    done = af.run("airflow", "db", "migrate", timeout=600)
+    assert done.returncode == 0, _tail(done.stdout + done.stderr)
+    return af
+
+
+def test_dag_folder_has_no_import_errors(airflow):
+    done = airflow.run("airflow", "dags", "list-import-errors", "--local", "--output", "json")
+    assert done.returncode == 0, _tail(done.stderr)
+    assert "recsys_daily" not in done.stdout and "Traceback" not in done.stdout, done.stdout
+    assert airflow.dag()["import_errors"] == {}
+
+
+def test_a_bad_variable_is_an_import_error_that_names_the_key(airflow):
+    dag = airflow.dag(settings={**airflow.settings, "modles": ["als"]})
+    assert dag["tasks"] == {}
+    assert any("modles" in err for err in dag["import_errors"].values()), dag["import_errors"]
+
+
+def test_dag_shape_retries_and_arguments(airflow):
+    from recsys_spark.session import DELTA_VERSION
+
+    dag = airflow.dag()
+    assert dag["import_errors"] == {}
+    assert dag["dag"] == {"max_active_runs": 1, "catchup": False, "timetable": "CronDataIntervalTimetable"}
+    tasks = dag["tasks"]
+    expected_upstream = {
+        "ingest": [],
+        "interactions": ["ingest"],
+        **{f"train_{m}": ["interactions"] for m in MODELS},
+        **{f"recommend_{m}": [f"train_{m}"] for m in MODELS},
+        "evaluate": sorted(f"recommend_{m}" for m in MODELS),
+        "publish": ["evaluate"],
+    }
+    assert {t: tasks[t]["upstream"] for t in tasks} == expected_upstream
+    warehouse = airflow.settings["warehouse"]
+    for task_id, task in tasks.items():
+        assert task["operator"] == "SparkSubmitOperator", task_id
+        assert task["conn_id"] == CONN_ID
+        # Defaults: 3 retries, 5 min doubling each try, at most an hour.
+        assert (task["retries"], task["backoff"]) == (3, 2.0), task_id
+        assert (task["retry_delay_s"], task["max_retry_delay_s"]) == (300, 3600), task_id
+        args = task["args"]
+        assert args[args.index("--run-date") + 1] == "{{ ds }}", task_id
+        assert args[args.index("--warehouse") + 1] == warehouse, task_id
+        assert Path(task["application"]).is_file(), task["application"]
+        assert task["conf"]["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+        assert task["conf"]["spark.sql.catalog.spark_catalog"].endswith("DeltaCatalog")
+        assert task["conf"]["spark.pyspark.python"] == sys.executable
+        assert f"{DELTA_VERSION}" in (task["jars"] or task["packages"]), task
+        assert task["py_files"] is None
+        if task_id != "publish":
+            assert Path(args[args.index("--config") + 1]) == REPO / "conf" / "pipeline.yaml"
+            assert [args[i + 1] for i, a in enumerate(args) if a == "--set"] == OVERRIDES, task_id
+    assert tasks["ingest"]["application"] == str(REPO / "jobs" / "ingest.py")
+    assert tasks["ingest"]["args"][:4] == ["--input", airflow.settings["input"], "--preset", "canonical"]
+    for m in MODELS:
+        for step in ("train", "recommend"):
+            task = tasks[f"{step}_{m}"]
+            assert task["application"] == str(REPO / "jobs" / f"{step}.py")
+            assert task["args"][task["args"].index("--model") + 1] == m
+    for task_id in ("evaluate", "publish"):
+        args = tasks[task_id]["args"]
+        assert args[args.index("--models") + 1] == ",".join(MODELS)
+    assert tasks["publish"]["application"] == str(REPO / "scripts" / "airflow" / "publish_check.py")
+
+
+def test_models_default_to_the_config_file(airflow):
+    import yaml
+
+    configured = yaml.safe_load((REPO / "conf" / "pipeline.yaml").read_text())["models"]
+    settings = {k: v for k, v in airflow.settings.items() if k != "models"}
+    tasks = airflow.dag(settings=settings)["tasks"]
+    assert sorted(t for t in tasks if t.startswith("train_")) == sorted(f"train_{m}" for m in configured)
+
+
+@pytest.fixture(scope="module")
+def daily_run(airflow) -> subprocess.CompletedProcess:
+    """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2]."""
+    settings = {**airflow.settings, "retries": 1, "retry_delay_minutes": 0.05}
+    started = time.monotonic()
+    done = airflow.run("airflow", "dags", "test", "recsys_daily", RUN_DATE, settings=settings, timeout=1500,
+                       log="dags_test.log")
+    print(f"airflow dags test recsys_daily {RUN_DATE}: {time.monotonic() - started:.0f} s, rc {done.returncode}")
+    return done
+
+
+def test_dags_test_runs_the_whole_day(daily_run):
+    assert daily_run.returncode == 0, _tail(daily_run.stdout, 120)
+    out = daily_run.stdout
+    finished = [line for line in out.splitlines() if "DagRun Finished" in line]
+    assert finished and " state=success," in finished[-1], _tail(out, 120)
+    summaries = [json.loads(line[line.index("{"):line.rindex("}") + 1]) for line in out.splitlines()
+                 if '"job": "publish"' in line]
+    assert summaries and summaries[-1]["status"] == "ok", summaries
+    assert summaries[-1]["run_date"] == RUN_DATE
+
+
+def test_the_day_is_in_the_gold_tables(daily_run, airflow, spark):
+    from pyspark.sql import functions as F
+
+    assert daily_run.returncode == 0, _tail(daily_run.stdout, 120)
+    wh = airflow.settings["warehouse"]
+    recs = spark.read.format("delta").load(f"{wh}/gold/recommendations").filter(F.col("run_date") == RUN_DATE)
+    per_model = {r["model"]: (r["rows"], r["users"], r["max_rank"]) for r in recs.groupBy("model").agg(
+        F.count(F.lit(1)).alias("rows"), F.countDistinct("user_id").alias("users"), F.max("rank").alias("max_rank"),
+    ).collect()}
+    assert sorted(per_model) == sorted(MODELS)
+    for model, (rows, users, max_rank) in per_model.items():
+        assert users > 0 and max_rank == K and rows == users * K, (model, rows, users, max_rank)
+    metrics = spark.read.format("delta").load(f"{wh}/gold/metrics").filter(F.col("run_date") == RUN_DATE)
+    by_model = {r["model"]: r["count"] for r in metrics.groupBy("model").count().collect()}
+    assert sorted(by_model) == sorted(MODELS) and min(by_model.values()) > 0, by_model
+    assert {r["k"] for r in metrics.select("k").distinct().collect()} >= {5, 10}
+
+
+def test_publish_fails_when_a_day_has_no_recommendations(daily_run, airflow):
+    assert daily_run.returncode == 0, _tail(daily_run.stdout, 120)
+    other_day = "2026-11-19"
+    # `airflow tasks test` exits 0 even when the task fails (Airflow 3.3): read the task's final state.
+    done = airflow.run("airflow", "tasks", "test", "recsys_daily", "publish", other_day, timeout=600,
+                       settings={**airflow.settings, "retries": 0}, log="publish_other_day.log")
+    assert "new_state=failed" in done.stdout, _tail(done.stdout)
+    for model in MODELS:
+        assert f"no rows of {model} for run date {other_day} in gold/recommendations" in done.stdout, _tail(done.stdout)
