@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -86,6 +87,27 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
     return {name: tb.read(spark, wh, name).count() for name in written}
 
 
+def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | None = None,
+                 side_items: str | None = None) -> dict[str, int]:
+    """bronze/events + index tables (+ side files) -> silver/user_features, silver/item_features and
+    silver/feature_vocab (``recsys_spark.data.features``), what DeepFM trains on.
+
+    ``side_users`` / ``side_items`` default to ``features.users_file`` / ``items_file``; with ``features.format``
+    ``movielens`` they are MovieLens-100K's ``u.user`` / ``u.item``. Returns the tables' row counts.
+    """
+    from recsys_spark.data import features
+
+    fc = config.features
+    paths = {"users": side_users or fc.users_file, "items": side_items or fc.items_file}
+    named = {side: path for side, path in paths.items() if path}
+    if named and fc.format == "none":
+        raise RecsysError(f"side files {sorted(named.values())} given with features.format=none: "
+                          "set features.format=movielens")
+    readers = {"users": features.read_movielens_users, "items": features.read_movielens_items}
+    side = {name: readers[name](spark, path) for name, path in named.items()}
+    return features.build_features(spark, config.warehouse, side=side, update_vocab=True)
+
+
 def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:
     """Generate the demo's event log under the warehouse (deterministic per seed) and return its path."""
     from recsys_spark.data import synthetic
@@ -93,6 +115,11 @@ def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:
     path = tb.table_path(config.warehouse, "raw/synthetic_events")
     synthetic.write_events(synthetic.generate_events(spark, config.generate), path)
     return path
+
+
+# Gold tables are partitioned by run date and model: a re-run (or a parallel task of another model)
+# replaces only its own partition, so concurrent writers of different models never conflict.
+GOLD_PARTITIONS = [tb.RUN_DATE, tb.MODEL]
 
 
 @dataclass(frozen=True)
@@ -133,7 +160,10 @@ def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run:
     from recsys_spark.models import registry
 
     train = _split(spark, config, tb.TRAIN, run.split)
-    model = registry.build(model_name, config).fit(train)
+    model = registry.build(model_name, config)
+    model.workdir = model_path(config, model_name, run)  # checkpoints and caches of deep models
+    model.warehouse, model.run_date = config.warehouse, run.run_date  # for models that read other tables
+    model.fit(train)
     model.save(model_path(config, model_name, run))
     exported = {}
     for table, factors, index, idx_col in [
@@ -144,7 +174,7 @@ def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run:
             continue
         ids = tb.read(spark, config.warehouse, index)
         rows = _with_run(factors.join(ids, idx_col), run, model_name)
-        tb.replace_where(rows, config.warehouse, table, run.where(model_name))
+        tb.replace_where(rows, config.warehouse, table, run.where(model_name), GOLD_PARTITIONS)
         exported[table] = rows.count()
     return {"model": model_name, "path": model_path(config, model_name, run), "embeddings": exported}
 
@@ -173,6 +203,7 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     k = k or config.recommend.k
     wh = config.warehouse
     model = _load_model(spark, config, model_name, run)
+    model.warehouse, model.run_date = wh, run.run_date
     train = _split(spark, config, tb.TRAIN, run.split)
     seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
     users_index, items_index = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
@@ -191,7 +222,7 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     rows = _with_run(to_original_ids(recs, users_index, items_index), run, model_name).select(
         tb.RUN_ID, tb.MODEL, tb.SPLIT, tb.USER_ID, tb.RANK, tb.ITEM_ID, tb.SCORE, tb.RUN_DATE
     )
-    tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name))
+    tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name), GOLD_PARTITIONS)
     n = tb.read(spark, wh, tb.RECOMMENDATIONS).filter(run.where(model_name)).count()
     return {"model": model_name, "rows_out": n}
 
@@ -209,8 +240,10 @@ def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: s
                            F.col(tb.ITEM_ID).alias("similar_item_id")), "similar_item_idx")
         .select(tb.ITEM_ID, "similar_item_id", tb.SCORE, tb.RANK)
     )
-    tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name))
-    return {"model": model_name, "rows_out": tb.read(spark, wh, tb.SIMILAR_ITEMS).filter(run.where(model_name)).count()}
+    tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name),
+                     GOLD_PARTITIONS)
+    n = tb.read(spark, wh, tb.SIMILAR_ITEMS).filter(run.where(model_name)).count()
+    return {"model": model_name, "rows_out": n}
 
 
 def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
@@ -241,8 +274,102 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
                               f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
         values = evaluate(recs, test, train, config.evaluate.ks, n_items)
         rows = with_run_info(values, run.run_id, run.run_date, model_name, run.split)
-        tb.replace_where(rows, wh, tb.METRICS, run.where(model_name))
+        # Only this split's rows: the session protocol's rows (split 'sessions') stay.
+        tb.replace_where(rows, wh, tb.METRICS, f"{run.where(model_name)} AND {tb.SPLIT} = '{run.split}'",
+                         GOLD_PARTITIONS)
         frames.append(values.toPandas().assign(model=model_name))
+    return pd.concat(frames, ignore_index=True)
+
+
+SESSIONS_SPLIT = "sessions"  # the split column of the session protocol's rows in gold/metrics
+SESSION_MODELS = ("gru4rec", "popularity", "itemknn")
+
+
+def session_periods(spark: SparkSession, config: PipelineConfig) -> tuple[DataFrame, DataFrame]:
+    """(train, test) rows of silver/sessions around the temporal split's cut: test sessions start after
+    it, train sessions end at or before it; sessions that straddle the cut are in neither.
+
+    The cut is the temporal split's (``interactions.test_fraction`` of the events after it), recomputed
+    from silver/sessions, which holds the same indexed events.
+    """
+    sessions = tb.read(spark, config.warehouse, tb.SESSIONS)
+    cut = splits.temporal_cutoff(sessions, config.interactions.test_fraction)
+    seconds = F.unix_timestamp(tb.EVENT_TIME)
+    bounds = sessions.groupBy(tb.SESSION_ID).agg(F.min(seconds).alias("_start"), F.max(seconds).alias("_end"))
+    train = sessions.join(bounds.filter(F.col("_end") <= F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
+                          "left_semi")
+    test = sessions.join(bounds.filter(F.col("_start") > F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
+                         "left_semi")
+    return train, test
+
+
+def _session_scorer(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
+                    train: DataFrame, n_items: int):
+    """A next-item scorer of ``model_name`` fitted on the train sessions (None: not a session model)."""
+    from recsys_spark import evaluate_sessions as es
+
+    if model_name == "popularity":
+        counts = train.groupBy(tb.ITEM_IDX).count().toPandas()
+        item_counts = np.zeros(n_items)
+        item_counts[counts[tb.ITEM_IDX].to_numpy()] = counts["count"].to_numpy()
+        return es.PopularityScorer(item_counts)
+    if model_name == "itemknn":
+        lists = es.session_item_arrays(train, min_length=1).select(tb.ITEMS).collect()
+        log.info("itemknn (sessions): collected %d train sessions to the driver", len(lists))
+        return es.ItemKNNScorer.fit([row[0] for row in lists], n_items)
+    if model_name == "gru4rec":
+        from recsys_spark.models import registry
+
+        model = registry.build(model_name, config)
+        path = f"{model_path(config, model_name, run)}/sessions"
+        model.workdir = path
+        model.fit_sessions(train, n_items)
+        model.save(path)
+        return model.scorer()
+    return None
+
+
+def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
+                          models: list[str] | None = None) -> pd.DataFrame:
+    """The session protocol (``recsys_spark.evaluate_sessions``): next-item recall, MRR and NDCG at
+    ``evaluate.ks`` over the sessions of the temporal test period, for the session models among
+    ``models`` (gru4rec, trained here on the train period's sessions and saved under its model
+    directory's ``sessions/``; the popularity and item-kNN session baselines). Rows go to gold/metrics
+    with split ``sessions`` (plus ``n_queries`` at k = 0); returns them as a small pandas frame.
+    """
+    from recsys_spark.evaluate import with_run_info
+    from recsys_spark.evaluate_sessions import N_QUERIES, evaluate_sessions
+
+    wh = config.warehouse
+    models = models or config.models
+    train, test = session_periods(spark, config)
+    train, test = train.persist(), test.persist()
+    n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
+    frames = []
+    try:
+        for model_name in models:
+            scorer = _session_scorer(spark, config, model_name, run, train, n_items)
+            if scorer is None:
+                log.info("%s has no session scorer: left out of the session protocol", model_name)
+                continue
+            values = evaluate_sessions(spark, test, scorer, ks=config.evaluate.ks)
+            if not values[N_QUERIES]:
+                raise RecsysError("no session of two or more events starts after the temporal cut: "
+                                  "the session protocol has nothing to score")
+            rows = [(name, int(k), float(v)) for key, v in values.items() if key != N_QUERIES
+                    for name, k in [key.split("@")]]
+            pdf = pd.DataFrame([*rows, (N_QUERIES, 0, float(values[N_QUERIES]))],
+                               columns=[tb.METRIC, tb.K, tb.VALUE])
+            frame = spark.createDataFrame(pdf, f"{tb.METRIC} string, {tb.K} int, {tb.VALUE} double")
+            out = with_run_info(frame, run.run_id, run.run_date, model_name, SESSIONS_SPLIT)
+            tb.replace_where(out, wh, tb.METRICS, f"{run.where(model_name)} AND {tb.SPLIT} = '{SESSIONS_SPLIT}'",
+                             GOLD_PARTITIONS)
+            frames.append(pdf.assign(model=model_name))
+    finally:
+        train.unpersist()
+        test.unpersist()
+    if not frames:
+        raise RecsysError(f"none of {models} is a session model ({', '.join(SESSION_MODELS)})")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -259,6 +386,8 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
     summary = run_ingest(spark, config, path, preset, fmt=fmt, sep=sep)
     echo("\n".join(summary.lines()))
     counts = run_interactions(spark, config)
+    if "deepfm" in config.models:
+        counts.update(run_features(spark, config))
     echo(f"tables under {config.warehouse}:")
     for name, n in counts.items():
         echo(f"  {name:<28}{n:>12,} rows")
@@ -271,4 +400,8 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
     metrics = run_evaluate(spark, config, run)
     echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
     echo(format_table(metrics))
+    if config.evaluate.sessions:
+        session_metrics = run_evaluate_sessions(spark, config, run)
+        echo(f"\nnext-item metrics on the sessions after the temporal cut (run {run.run_id}):")
+        echo(format_table(session_metrics))
     return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts, "models": config.models}

@@ -7,6 +7,7 @@ dense 0..n-1); ``recsys_spark.recommend`` maps them back to the original ids.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from abc import ABC, abstractmethod
@@ -36,6 +37,12 @@ class Recommender(ABC):
     """
 
     name: ClassVar[str]
+    workdir: str | None = None  # where a model may keep checkpoints and caches while it fits
+    # Set by the pipeline before ``fit`` and ``recommend``, for models that read more than their train
+    # frame (DeepFM: the feature tables, and another model's rows of gold/recommendations): the
+    # warehouse root and the run's logical date. Models that need neither ignore them.
+    warehouse: str | None = None
+    run_date: dt.date | None = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params

@@ -123,6 +123,19 @@ class GRU4Rec(nn.Module):
             outputs.append(out)
         return torch.stack(outputs, dim=1)
 
+    def user_embedding(self, seq: Tensor) -> Tensor:
+        """The last output over each row's items read as one session from a fresh state: seq [B, L] with
+        PAD (< 0) anywhere, e.g. left-padded ``silver/sequences`` -> h [B, H]; PAD positions leave the
+        state unchanged, and a row of only PAD gives zeros. ``scores(h)`` ranks the next item."""
+        hidden = self.init_hidden(seq.shape[0], seq.device)  # [layers, B, H]
+        out = hidden[-1]  # [B, H]
+        for t in range(seq.shape[1]):
+            step_out, new = self.forward_step(seq[:, t], hidden)
+            real = seq[:, t] >= 0  # [B]
+            hidden = torch.where(real.view(1, -1, 1), new, hidden)
+            out = torch.where(real.view(-1, 1), step_out, out)
+        return out
+
     def scores(self, out: Tensor, items: Tensor | None = None) -> Tensor:
         """out [B, H] -> r [B, M] against ``items`` [M], or [B, n_items] against the catalogue."""
         if items is None:
