@@ -1,0 +1,139 @@
+"""The HTML run report, from a tiny hand-written warehouse whose numbers are known."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pytest
+from pyspark.sql import Row
+
+from recsys_spark import report
+from recsys_spark import tables as tb
+from recsys_spark.errors import RecsysError
+
+pytestmark = pytest.mark.spark
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OLD, NEW = dt.date(2024, 1, 30), dt.date(2024, 1, 31)
+MODELS = ["als", "popularity", "ncf"]
+METRICS_SCHEMA = "run_id string, run_date date, model string, split string, metric string, k int, value double"
+RECS_SCHEMA = ("run_id string, model string, split string, user_id string, rank int, item_id string, "
+               "score double, run_date date")
+INTERACTIONS_SCHEMA = "user_idx int, item_idx int, weight double, n_events long, first_ts timestamp, last_ts timestamp"
+HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "lr": 0.001, "seconds": 1.0, "ndcg@10": 0.02 * e,
+            "samples_per_s": 100.0} for e in range(1, 6)]
+
+
+def _save(df, warehouse, name):
+    df.write.format("delta").mode("overwrite").save(tb.table_path(warehouse, name))
+
+
+def _metrics_rows():
+    rows = []
+    for run_id, day in (("nightly-old", OLD), ("nightly-new", NEW)):
+        for i, model in enumerate(MODELS):
+            for k in (10, 20, 100):
+                base = 0.05 * (i + 1) * (1 + k / 100)
+                for metric in ("ndcg", "hr", "recall", "precision", "map", "mrr"):
+                    rows.append((run_id, day, model, "leave_last_out", metric, k, base))
+                rows.append((run_id, day, model, "leave_last_out", "coverage", k, 0.1 * (i + 1)))
+                rows.append((run_id, day, model, "leave_last_out", "mean_popularity", k, 0.2 / (i + 1)))
+                rows.append((run_id, day, model, "leave_last_out", "n_users", k, 7.0))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_warehouse(spark, tmp_path_factory):
+    """gold/metrics (two runs), gold/recommendations, bronze/events, silver/interactions, one model.json."""
+    warehouse = str(tmp_path_factory.mktemp("report") / "warehouse")
+    _save(spark.createDataFrame(_metrics_rows(), METRICS_SCHEMA), warehouse, tb.METRICS)
+    recs = [("nightly-new", m, "leave_last_out", f"u{u}", r, f"i{(u + r) % 5}", 1.0 / r, NEW)
+            for m in MODELS for u in range(3) for r in (1, 2)]
+    _save(spark.createDataFrame(recs, RECS_SCHEMA), warehouse, tb.RECOMMENDATIONS)
+    events = []
+    for day in range(3):
+        for n, event_type in enumerate(["view", "view", "view", "cart", "purchase"]):
+            t = dt.datetime(2024, 1, 10 + day, 12, n)
+            events.append(Row(event_id=f"e{day}-{n}", user_id=f"u{n % 3}", item_id=f"i{n + day}",
+                              event_type=event_type, event_time=t, session_id=None, value=None, category=None,
+                              price=None, source="test", event_date=t.date()))
+    _save(spark.createDataFrame(events, tb.EVENTS_SCHEMA), warehouse, tb.BRONZE_EVENTS)
+    # user 0: 1 item, user 1: 2 items, user 2: 3 items, user 3: 4 items, user 4: 8 items
+    ts = dt.datetime(2024, 1, 1)
+    pairs = [(u, i, 1.0, 1, ts, ts) for u, n in enumerate([1, 2, 3, 4, 8]) for i in range(n)]
+    _save(spark.createDataFrame(pairs, INTERACTIONS_SCHEMA), warehouse, tb.INTERACTIONS)
+    ncf_dir = report.model_dir(warehouse, "ncf", NEW)
+    os.makedirs(ncf_dir)
+    with open(os.path.join(ncf_dir, "model.json"), "w") as fh:
+        json.dump({"model": "ncf", "history": HISTORY}, fh)
+    return warehouse
+
+
+def test_report_of_the_latest_run(spark, tiny_warehouse, tmp_path):
+    out = tmp_path / "report"
+    path = report.write_report(spark, tiny_warehouse, str(out))
+
+    assert path == str(out / "report.html")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "run nightly-new" in page and "nightly-old" not in page
+    for model in MODELS:
+        assert model in page
+    for title in report.SECTIONS:
+        assert f"<h2>{title}</h2>" in page
+    pngs = [report.PNG_METRICS, report.PNG_TRAINING, report.PNG_COVERAGE, report.PNG_EVENTS, report.PNG_ACTIVE,
+            report.PNG_COUNTS]
+    assert page.count('src="data:image/png;base64,') == len(pngs)
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    # Self-contained: nothing fetched from anywhere.
+    assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
+
+    numbers = json.loads((out / "report.json").read_text())
+    assert numbers["run_id"] == "nightly-new"
+    assert numbers["models"] == ["ncf", "popularity", "als"]          # best NDCG@10 first
+    assert numbers["histories"]["ncf"] == HISTORY and set(numbers["histories"]) == {"ncf"}
+    assert numbers["profile"]["events"] == 15 and numbers["profile"]["users"] == 3
+    assert numbers["profile"]["interactions"] == 18 and numbers["profile"]["interaction_users"] == 5
+    per_user = {b["bucket"]: (b["count"], b["lo"], b["hi"]) for b in numbers["interactions_per_user"]}
+    assert per_user == {0: (1, 1, 1), 1: (2, 2, 3), 2: (1, 4, 7), 3: (1, 8, 15)}
+    per_day = {(e["event_date"][:10], e["event_type"]): e["count"] for e in numbers["events_per_day"]}
+    assert per_day[("2024-01-11", "view")] == 3 and per_day[("2024-01-12", "purchase")] == 1
+    assert {r["model"]: (r["users"], r["rows"]) for r in numbers["recommendations"]} == {m: (3, 6) for m in MODELS}
+    # The metrics table marks the best model per column: ncf has the highest NDCG@10 (0.165).
+    assert '<td class="best">0.1650</td>' in page
+
+
+def test_report_of_a_named_run(spark, tiny_warehouse, tmp_path):
+    path = report.write_report(spark, tiny_warehouse, str(tmp_path / "old"), run_id="nightly-old")
+    page = open(path, encoding="utf-8").read()
+    assert "run nightly-old" in page
+    # The old run's ncf has no model directory, so there is no history to draw; the section says so.
+    assert "No deep models in this run" in page
+    assert not (tmp_path / "old" / report.PNG_TRAINING).exists()
+    assert page.count('src="data:image/png;base64,') == 5
+
+
+def test_clear_errors_for_unknown_runs_and_empty_warehouses(spark, tiny_warehouse, tmp_path):
+    with pytest.raises(RecsysError, match=r"run 'nope' has no rows in gold/metrics; recent runs: nightly-new"):
+        report.write_report(spark, tiny_warehouse, str(tmp_path / "nope"), run_id="nope")
+    with pytest.raises(RecsysError, match="no gold/metrics table under .*recsys-spark pipeline"):
+        report.write_report(spark, str(tmp_path / "empty-warehouse"), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_sections_without_their_tables_say_so(spark, tmp_path):
+    warehouse = str(tmp_path / "warehouse")
+    rows = _metrics_rows()[:30]  # the old run: als at every K, popularity at K=10
+    rows += [(*row[:3], "sessions", *row[4:]) for row in rows[:9] if row[4] in ("hr", "mrr")]
+    _save(spark.createDataFrame(rows, METRICS_SCHEMA), warehouse, tb.METRICS)
+    path = report.write_report(spark, warehouse, str(tmp_path / "out"))
+    page = open(path, encoding="utf-8").read()
+    for title in report.SECTIONS:
+        assert f"<h2>{title}</h2>" in page
+    assert "<th>als (leave_last_out)</th>" in page and "<th>als (sessions)</th>" in page
+    for missing in (tb.RECOMMENDATIONS, tb.BRONZE_EVENTS, tb.INTERACTIONS):
+        assert f"{missing} not found under" in page
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [report.PNG_COVERAGE, report.PNG_METRICS]
