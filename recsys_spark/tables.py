@@ -202,3 +202,25 @@ def _last_commit(table: DeltaTable) -> dict:
 
 def _last_commit_metric(spark: SparkSession, path: str, metric: str) -> int:
     return int(_last_commit(DeltaTable.forPath(spark, path))["operationMetrics"].get(metric, 0))
+
+
+def last_commit_time(spark: SparkSession, warehouse: str, name: str):
+    """When the table last changed (its newest Delta commit), or None when it does not exist."""
+    if not exists(spark, warehouse, name):
+        return None
+    return DeltaTable.forPath(spark, table_path(warehouse, name)).history(1).select("timestamp").first()[0]
+
+
+def is_current(spark: SparkSession, warehouse: str, output: str, inputs: list[str], where: str | None = None) -> bool:
+    """True when ``output`` has rows (matching ``where``) written after the last change of every input.
+
+    The pipeline's resume rule: a step whose output is missing or older than its inputs runs again.
+    """
+    written = last_commit_time(spark, warehouse, output)
+    if written is None:
+        return False
+    changed = [last_commit_time(spark, warehouse, name) for name in inputs]
+    if any(t is None or t > written for t in changed):
+        return False
+    rows = read(spark, warehouse, output)
+    return (rows.filter(where) if where else rows).limit(1).count() > 0

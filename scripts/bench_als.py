@@ -30,11 +30,9 @@ Usage: ``python scripts/bench_als.py [--out .bench/als.json] [--grid] [--data ..
 from __future__ import annotations
 
 import os
-import sys
 
 # Before numpy loads OpenBLAS, here and (inherited) in Spark's Python workers: one BLAS thread per task.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

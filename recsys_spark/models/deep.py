@@ -774,7 +774,21 @@ _MODULES: dict[int, Any] = {}
 
 
 def _broadcast_key(broadcast) -> int:
-    return broadcast.id if hasattr(broadcast, "id") else id(broadcast)
+    """The id Spark gave ``broadcast``, and forget what was built from broadcasts this worker has dropped.
+
+    Not ``id(broadcast)``: an executor frees a broadcast's object when the driver unpersists it (or
+    garbage-collects it), and a later broadcast's object may then take the same address, which would
+    hand the new broadcast an old model (seen: a DeepFM module returned for an item table).
+    """
+    from pyspark.broadcast import _broadcastRegistry
+
+    for bid, registered in list(_broadcastRegistry.items()):
+        if registered is broadcast:
+            for stale in [key for key in _MODULES if key not in _broadcastRegistry]:
+                del _MODULES[stale]
+            return bid
+    jbroadcast = getattr(broadcast, "_jbroadcast", None)  # on the driver
+    return jbroadcast.id() if jbroadcast is not None else id(broadcast)
 
 
 def _cached_module(broadcast):
