@@ -56,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sep", help="field separator for CSV, overriding the preset's")
 
     add("interactions", "bronze/events -> index tables, interactions, splits, sequences, sessions")
+
+    p = add("features", "bronze/events (+ side files) -> silver/user_features, item_features, feature_vocab")
+    p.add_argument("--users-file", help="side user features, e.g. MovieLens u.user (default: features.users_file)")
+    p.add_argument("--items-file", help="side item features, e.g. MovieLens u.item (default: features.items_file)")
     add("presets", "list the input presets")
 
     p = add("train", "fit a model on the run's train split; save it; export embeddings to gold")
-    p.add_argument("--model", required=True, help="model name (als, popularity, itemknn, ncf, sasrec, ...)")
+    p.add_argument("--model", required=True,
+                   help="model name (als, popularity, itemknn, ncf, sasrec, gru4rec, deepfm)")
     p.add_argument("--backend", choices=["horovod", "torch", "local"], help="torch models: how ranks launch")
     p.add_argument("--num-proc", type=int, help="torch models: number of training ranks")
     p.add_argument("--resume", action="store_true", help="torch models: continue from the last checkpoint")
@@ -78,12 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "score the run's recommendations on the test split into gold/metrics")
     p.add_argument("--models", help="comma-separated model names (default: the configured models)")
 
+    p = add("report", "one self-contained HTML page (plus PNGs) of a run: metrics, training, data profile")
+    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+
     p = add("pipeline", "ingest -> interactions -> train -> recommend -> evaluate for the configured models")
     p.add_argument("--input", help="raw events to ingest (default: a generated synthetic log)")
     p.add_argument("--preset", default="canonical")
     p.add_argument("--format", dest="fmt", choices=["csv", "json", "parquet", "delta"])
     p.add_argument("--sep")
     p.add_argument("--models", help="comma-separated model names, overriding conf/pipeline.yaml")
+    p.add_argument("--force", action="store_true", help="rerun every step, even those whose outputs are current")
     return parser
 
 
@@ -165,6 +174,16 @@ def cmd_interactions(args, config) -> dict[str, Any]:
     return {"inputs": ["bronze/events"], "rows_out": counts}
 
 
+def cmd_features(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+
+    counts = pipeline.run_features(_spark("features"), config, args.users_file, args.items_file)
+    _print_tables(counts, config.warehouse)
+    inputs = [p for p in (args.users_file or config.features.users_file,
+                          args.items_file or config.features.items_file) if p]
+    return {"inputs": ["bronze/events", *inputs], "rows_out": counts}
+
+
 def cmd_train(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
 
@@ -200,14 +219,28 @@ def cmd_evaluate(args, config) -> dict[str, Any]:
     metrics = pipeline.run_evaluate(_spark("evaluate"), config, run, config.models)
     print(f"metrics on the {run.split} split (run {run.run_id}):")
     print(format_table(metrics))
-    return {"models": config.models, "rows_out": len(metrics)}
+    rows = len(metrics)
+    if config.evaluate.sessions:
+        sessions = pipeline.run_evaluate_sessions(_spark("evaluate"), config, run, config.models)
+        print(f"next-item metrics on the sessions after the temporal cut (run {run.run_id}):")
+        print(format_table(sessions))
+        rows += len(sessions)
+    return {"models": config.models, "rows_out": rows}
 
 
 def cmd_pipeline(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
 
     return pipeline.run_pipeline(_spark("pipeline"), config, args.input, args.preset, fmt=args.fmt,
-                                 sep=args.sep, run=_run(args, config), echo=print)
+                                 sep=args.sep, run=_run(args, config), echo=print, force=args.force)
+
+
+def cmd_report(args, config) -> dict[str, Any]:
+    from recsys_spark.report import write_report
+
+    path = write_report(_spark("report"), config.warehouse, args.out, run_id=args.run_id)
+    print(f"wrote the report of {'run ' + args.run_id if args.run_id else 'the latest run'} to {path}")
+    return {"inputs": [config.warehouse], "outputs": [path]}
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any]]] = {
@@ -215,10 +248,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any
     "generate": cmd_generate,
     "ingest": cmd_ingest,
     "interactions": cmd_interactions,
+    "features": cmd_features,
     "train": cmd_train,
     "recommend": cmd_recommend,
     "similar-items": cmd_similar_items,
     "evaluate": cmd_evaluate,
+    "report": cmd_report,
     "pipeline": cmd_pipeline,
 }
 

@@ -82,6 +82,8 @@ class RecommendConfig(Section):
 
 class EvaluateConfig(Section):
     ks: list[int] = Field(default_factory=lambda: [10, 20, 100])
+    sessions: bool = Field(False, description="also score session models next-item on the temporal test "
+                                              "period's sessions (gold/metrics rows with split 'sessions')")
 
     @field_validator("ks")
     @classmethod
@@ -89,6 +91,26 @@ class EvaluateConfig(Section):
         if not ks or any(k <= 0 for k in ks):
             raise ValueError("ks must be a non-empty list of positive integers")
         return sorted(set(ks))
+
+
+class FeaturesConfig(Section):
+    """Side files for the user and item features (``recsys-spark features``; DeepFM reads the tables).
+
+    ``format``: ``movielens`` reads MovieLens-100K's ``u.user`` / ``u.item``; ``none`` builds the features
+    from the events alone (naming a file then is an error).
+    """
+
+    users_file: str | None = None
+    items_file: str | None = None
+    format: Literal["movielens", "none"] = "movielens"
+
+
+class TrackingConfig(Section):
+    """MLflow experiment tracking (recsys_spark.tracking)."""
+
+    enabled: bool | None = Field(None, description="None: on when mlflow is installed; true: required; false: off")
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else a file store at <warehouse>/mlruns")
+    experiment: str | None = Field(None, description="default: $MLFLOW_EXPERIMENT_NAME, else recsys-spark")
 
 
 class PipelineConfig(Section):
@@ -102,6 +124,8 @@ class PipelineConfig(Section):
     interactions: InteractionsConfig = InteractionsConfig()
     recommend: RecommendConfig = RecommendConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    tracking: TrackingConfig = TrackingConfig()
     model_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -373,35 +373,81 @@ def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
     return pd.concat(frames, ignore_index=True)
 
 
+def tracker_for(config: PipelineConfig):
+    from recsys_spark.tracking import Tracker
+
+    t = config.tracking
+    return Tracker.for_warehouse(config.warehouse, enabled=t.enabled, uri=t.uri, experiment=t.experiment)
+
+
+def model_is_current(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> bool:
+    """The resume rule for a model: its saved model is newer than silver/train, and this run's
+    recommendations of it were written after the model."""
+    meta = os.path.join(model_path(config, model_name, run), "model.json")
+    train_changed = tb.last_commit_time(spark, config.warehouse, tb.TRAIN)
+    recs_written = tb.last_commit_time(spark, config.warehouse, tb.RECOMMENDATIONS)
+    if "://" in meta or not os.path.exists(meta) or train_changed is None or recs_written is None:
+        return False
+    saved = dt.datetime.fromtimestamp(os.path.getmtime(meta), dt.UTC).replace(tzinfo=None)
+    train_changed = train_changed.replace(tzinfo=None)
+    recs_written = recs_written.replace(tzinfo=None)
+    has_rows = tb.read(spark, config.warehouse, tb.RECOMMENDATIONS).filter(run.where(model_name)).limit(1).count()
+    return saved > train_changed and recs_written >= saved and has_rows > 0
+
+
 def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, preset: str,
                  fmt: str | None = None, sep: str | None = None, run: Run | None = None,
-                 echo=print) -> dict[str, Any]:
-    """ingest -> interactions -> train -> recommend -> evaluate, stopping at the first failure."""
+                 echo=print, force: bool = False, tracker=None) -> dict[str, Any]:
+    """ingest -> interactions -> train -> recommend -> evaluate, stopping at the first failure.
+
+    A re-run resumes: interactions are rebuilt only when bronze/events changed after them, and a
+    model is trained and recommended again only when its outputs for the run date are missing or older
+    than silver/train. ``force`` reruns every step.
+    """
     from recsys_spark.evaluate import format_table
 
     run = run or Run.of(config)
-    if path is None:
-        path, preset = synthetic_input(spark, config), "canonical"
-        echo(f"generated a synthetic event log at {path}")
-    summary = run_ingest(spark, config, path, preset, fmt=fmt, sep=sep)
-    echo("\n".join(summary.lines()))
-    counts = run_interactions(spark, config)
-    if "deepfm" in config.models:
-        counts.update(run_features(spark, config))
-    echo(f"tables under {config.warehouse}:")
-    for name, n in counts.items():
-        echo(f"  {name:<28}{n:>12,} rows")
-    for model_name in config.models:
-        started = time.monotonic()
-        run_train(spark, config, model_name, run)
-        recs = run_recommend(spark, config, model_name, run)
-        echo(f"{model_name}: trained and wrote {recs['rows_out']:,} recommendations "
-             f"({time.monotonic() - started:.1f} s)")
-    metrics = run_evaluate(spark, config, run)
-    echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
-    echo(format_table(metrics))
-    if config.evaluate.sessions:
-        session_metrics = run_evaluate_sessions(spark, config, run)
-        echo(f"\nnext-item metrics on the sessions after the temporal cut (run {run.run_id}):")
-        echo(format_table(session_metrics))
+    tracker = tracker or tracker_for(config)
+    params = {"run_date": run.run_date.isoformat(), "split": run.split, "models": ",".join(config.models),
+              "input": path or "synthetic", "preset": preset,
+              "interactions": config.interactions.model_dump(mode="json"), "evaluate.ks": config.evaluate.ks}
+    with tracker.pipeline_run(run.run_id, params):
+        if path is None:
+            path, preset = synthetic_input(spark, config), "canonical"
+            echo(f"generated a synthetic event log at {path}")
+        summary = run_ingest(spark, config, path, preset, fmt=fmt, sep=sep)
+        echo("\n".join(summary.lines()))
+        if not force and tb.is_current(spark, config.warehouse, tb.INTERACTIONS, [tb.BRONZE_EVENTS]):
+            echo("interactions: up to date with bronze/events, kept")
+            counts = {name: tb.read(spark, config.warehouse, name).count() for name in (tb.INTERACTIONS, tb.TRAIN)}
+        else:
+            counts = run_interactions(spark, config)
+        if "deepfm" in config.models:
+            counts.update(run_features(spark, config))
+        echo(f"tables under {config.warehouse}:")
+        for name, n in counts.items():
+            echo(f"  {name:<28}{n:>12,} rows")
+        tracker.log_metrics({"rows_read": summary.rows_read, "rows_accepted": summary.accepted,
+                             **{f"rows.{name}": n for name, n in counts.items()}})
+        for model_name in config.models:
+            if not force and model_is_current(spark, config, model_name, run):
+                echo(f"{model_name}: model and recommendations for {run.run_date} are up to date, kept")
+                continue
+            started = time.monotonic()
+            with tracker.model_run(model_name, config.model_params.get(model_name, {}), run_id=run.run_id):
+                trained = run_train(spark, config, model_name, run)
+                tracker.log_model_dir(trained["path"])
+                recs = run_recommend(spark, config, model_name, run)
+                tracker.log_metrics({"train_recommend_seconds": time.monotonic() - started,
+                                     "recommendations": recs["rows_out"]})
+            echo(f"{model_name}: trained and wrote {recs['rows_out']:,} recommendations "
+                 f"({time.monotonic() - started:.1f} s)")
+        metrics = run_evaluate(spark, config, run)
+        tracker.log_evaluation(metrics)
+        echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
+        echo(format_table(metrics))
+        if config.evaluate.sessions:
+            session_metrics = run_evaluate_sessions(spark, config, run)
+            echo(f"\nnext-item metrics on the sessions after the temporal cut (run {run.run_id}):")
+            echo(format_table(session_metrics))
     return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts, "models": config.models}

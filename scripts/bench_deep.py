@@ -33,7 +33,9 @@ from recsys_spark.session import get_spark
 DATASETS = {
     "ml-100k": ("ml-100k/u.data", "movielens-100k", ["interactions.min_item_interactions=1"]),
     "yoochoose": ("yoochoose/yoochoose-clicks-100k_train_full.txt", "yoochoose",
-                  ["interactions.min_item_interactions=2", "interactions.max_sequence_length=20"]),
+                  ["interactions.min_item_interactions=2", "interactions.max_sequence_length=20",
+                   # 17.8k sessions: an epoch costs 20x MovieLens's, so fewer epochs
+                   "model_params.sasrec.train.epochs=30", "model_params.ncf.train.epochs=8"]),
 }
 
 MODELS = {

@@ -99,10 +99,11 @@ def main() -> None:
         r = run_size(n)
         results.append(r)
         print(f"{r['events']:>12,} {r['generate_s']:>11.1f} {r['ingest_s']:>9.1f} {r['interactions_s']:>11.1f} "
-              f"{r['ingest_plus_interactions_s']:>8.1f} {r['events_per_s']:>10,.0f} {r['peak_rss_gib']:>9.2f}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "results": results}, fh, indent=2)
+              f"{r['ingest_plus_interactions_s']:>8.1f} {r['events_per_s']:>10,.0f} {r['peak_rss_gib']:>9.2f}",
+              flush=True)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:  # after every size, so a long run keeps what it measured
+            json.dump({"machine": machine, "load_average": os.getloadavg(), "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

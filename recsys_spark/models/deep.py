@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -87,6 +87,14 @@ class GRU4RecModelParams(DeepParams):
     net: GRU4RecParams = GRU4RecParams()
     train: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=0.005, optimizer="adam", schedule="constant",
                                      early_stopping_metric="recall@20", patience=3)
+
+    @model_validator(mode="after")
+    def _not_ddp(self) -> GRU4RecModelParams:
+        # GRU4RecTask steps the GRU through forward_step, outside DDP's forward (and many times per
+        # backward): under torch DDP the wrapper has no forward_step and gradients would not be reduced.
+        if self.backend == "torch":
+            raise ValueError("gru4rec trains with backend horovod or local, not torch (DDP)")
+        return self
 
 
 class DeepFMModelParams(DeepParams):

@@ -1,0 +1,232 @@
+"""GRU4Rec and DeepFM as pipeline models: fit -> recommend -> save -> load on a small synthetic warehouse,
+DeepFM's cold users and two-stage candidates, and the pipeline with the session protocol."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pyspark.sql import functions as F
+
+from recsys_spark import pipeline
+from recsys_spark import tables as tb
+from recsys_spark.cli import main
+from recsys_spark.config import load_config
+from recsys_spark.errors import RecsysError
+from recsys_spark.models import registry
+from recsys_spark.models.deep import DeepFMModelParams, DeepFMRecommender, GRU4RecModelParams, GRU4RecRecommender
+from recsys_spark.train.tasks_extra import DeepFMParams, GRU4RecParams
+from recsys_spark.train.trainer import TrainConfig
+
+pytestmark = [pytest.mark.spark, pytest.mark.torch]
+
+RUN_DATE = dt.date(2026, 1, 2)
+SMALL = ["generate.events=2500", "generate.seed=7", "generate.days=20", "recommend.k=10", "evaluate.ks=[10,20]"]
+K = 5
+
+
+def _train_config(metric: str) -> TrainConfig:
+    return TrainConfig(epochs=2, batch_size=32, lr=0.01, optimizer="adam", schedule="constant",
+                       early_stopping_metric=metric, patience=3, progress=False, seed=0)
+
+
+def gru4rec_params(**overrides) -> GRU4RecModelParams:
+    net = GRU4RecParams(hidden=16, parallel=8, n_sample=16, max_length=20, dropout_hidden=0.0, seed=0)
+    return GRU4RecModelParams(backend="local", num_proc=1, validation_users=5, users_per_block=16, net=net,
+                              train=_train_config("recall@20"), **overrides)
+
+
+def deepfm_params(**overrides) -> DeepFMModelParams:
+    net = DeepFMParams(dim=4, hidden=[16], dropout=0.0, id_dropout=0.2, seed=0)
+    return DeepFMModelParams(backend="local", num_proc=1, validation_users=5, users_per_block=16, net=net,
+                             train=_train_config("ndcg@10"), **overrides)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(spark, tmp_path_factory):
+    """A synthetic warehouse up to the feature tables, with popularity's recommendations in gold."""
+    warehouse = str(tmp_path_factory.mktemp("deep") / "warehouse")
+    config = load_config(overrides=[f"warehouse={warehouse}", *SMALL])
+    run = pipeline.Run.of(config, RUN_DATE)
+    pipeline.run_ingest(spark, config, pipeline.synthetic_input(spark, config), "canonical")
+    pipeline.run_interactions(spark, config)
+    pipeline.run_features(spark, config)
+    pipeline.run_train(spark, config, "popularity", run)
+    pipeline.run_recommend(spark, config, "popularity", run)
+    train = tb.read(spark, warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == run.split).drop(tb.SPLIT).persist()
+    return SimpleNamespace(config=config, run=run, warehouse=warehouse, train=train)
+
+
+def _recs(model, users, seen, k=K) -> pd.DataFrame:
+    out = model.recommend(users, k, seen=seen).toPandas()
+    return out.sort_values([tb.USER_IDX, tb.RANK]).reset_index(drop=True)
+
+
+def _check_contract(recs: pd.DataFrame, seen_pairs: set, users: set, k: int) -> None:
+    """k rows per user of ``users``, ranks 1..k, scores descending, no seen item."""
+    assert set(recs[tb.USER_IDX]) == users
+    for _, rows in recs.groupby(tb.USER_IDX):
+        assert rows[tb.RANK].tolist() == list(range(1, k + 1))
+        assert rows[tb.ITEM_IDX].is_unique and (np.diff(rows[tb.SCORE].to_numpy()) <= 0).all()
+    assert not any(pair in seen_pairs for pair in zip(recs[tb.USER_IDX], recs[tb.ITEM_IDX], strict=True))
+
+
+def _pairs(frame) -> set:
+    return {(r[0], r[1]) for r in frame.select(tb.USER_IDX, tb.ITEM_IDX).collect()}
+
+
+# ------------------------------------------------------------------------------------------------ GRU4Rec
+
+
+def test_gru4rec_fit_recommend_save_load(spark, world, tmp_path):
+    model = GRU4RecRecommender(gru4rec_params())
+    model.workdir = str(tmp_path / "work")
+    model.fit(world.train)
+    assert len(model.history) == 2 and "recall@20" in model.history[-1]
+    users = world.train.select(tb.USER_IDX).distinct()
+    user_set = {r[0] for r in users.collect()}
+    recs = _recs(model, users, world.train)
+    _check_contract(recs, _pairs(world.train), user_set, K)
+
+    # The factors [h, 1] . [W, b] are the network's own scores over the user's time-ordered history.
+    user = int(recs[tb.USER_IDX].iloc[0])
+    rows = world.train.filter(F.col(tb.USER_IDX) == user).orderBy(tb.FIRST_TS, tb.ITEM_IDX).collect()
+    items = [r[tb.ITEM_IDX] for r in rows]
+    history = items[-model.params.net.max_length:]
+    with torch.no_grad():
+        scores = model.module.scores(model.module.user_embedding(torch.tensor([history])))[0].numpy()
+    scores[items] = -np.inf
+    top = recs[recs[tb.USER_IDX] == user]
+    assert np.allclose(np.sort(scores)[::-1][:K], top[tb.SCORE].to_numpy(), atol=1e-4)
+
+    model.save(str(tmp_path / "model"))
+    loaded = registry.load("gru4rec", spark, str(tmp_path / "model"))
+    assert loaded.params == model.params
+    pd.testing.assert_frame_equal(_recs(loaded, users, world.train), recs)
+
+
+# ------------------------------------------------------------------------------------------------- DeepFM
+
+
+@pytest.fixture(scope="module")
+def deepfm(world, tmp_path_factory):
+    """DeepFM fitted without the train rows of one user: that user has features but no history."""
+    cold = world.train.groupBy(tb.USER_IDX).count().orderBy(F.desc("count"), tb.USER_IDX).first()[0]
+    model = DeepFMRecommender(deepfm_params())
+    model.warehouse, model.run_date = world.warehouse, world.run.run_date
+    model.workdir = str(tmp_path_factory.mktemp("deepfm"))
+    model.fit(world.train.filter(F.col(tb.USER_IDX) != cold))
+    return model, cold
+
+
+def test_deepfm_fit_recommend_cold_user_save_load(spark, world, deepfm, tmp_path):
+    model, cold = deepfm
+    assert len(model.history) == 2 and "ndcg@10" in model.history[-1]
+    users = world.train.select(tb.USER_IDX).distinct()
+    user_set = {r[0] for r in users.collect()}
+    assert cold in {r[0] for r in model.known_users().collect()}  # no popularity fallback for it
+    recs = _recs(model, users, world.train)
+    _check_contract(recs, _pairs(world.train), user_set, K)  # the cold user included
+
+    # The cold user is scored from its features alone: its id field reads as unknown.
+    queries = {r[tb.USER_IDX]: list(r[tb.FIELDS]) for r in model._queries(users, model._users).collect()}
+    warm = next(u for u in sorted(user_set) if u != cold)
+    assert queries[cold][0] == 0 and queries[warm][0] == warm + 1
+    assert queries[cold][1:] != [0] * (len(queries[cold]) - 1)  # it has features
+
+    model.save(str(tmp_path / "model"))
+    loaded = registry.load("deepfm", spark, str(tmp_path / "model"))
+    assert loaded.params == model.params and loaded.spec == model.spec
+    pd.testing.assert_frame_equal(_recs(loaded, users, world.train), recs)
+
+
+def test_deepfm_candidates_rerank_only_the_candidate_models_list(spark, world, deepfm):
+    fitted, _ = deepfm
+    model = DeepFMRecommender(fitted.params.model_copy(update={"candidates": "popularity", "candidates_k": 6}))
+    model.module, model.spec, model.item_fields = fitted.module, fitted.spec, fitted.item_fields
+    model.n_users, model.n_items, model._users = fitted.n_users, fitted.n_items, fitted._users
+    model.warehouse, model.run_date = world.warehouse, world.run.run_date
+
+    gold = tb.read(spark, world.warehouse, tb.RECOMMENDATIONS).filter(world.run.where("popularity"))
+    candidates = (gold.filter(F.col(tb.RANK) <= 6)
+                  .join(tb.read(spark, world.warehouse, tb.USER_INDEX), tb.USER_ID)
+                  .join(tb.read(spark, world.warehouse, tb.ITEM_INDEX), tb.ITEM_ID))
+    allowed = _pairs(candidates)
+    users = world.train.select(tb.USER_IDX).distinct()
+    recs = _recs(model, users, world.train, k=3)
+    _check_contract(recs, _pairs(world.train), {u for u, _ in allowed} & {r[0] for r in users.collect()}, 3)
+    assert set(zip(recs[tb.USER_IDX], recs[tb.ITEM_IDX], strict=True)) <= allowed
+    # DeepFM's own order, not popularity's: the scores are the network's
+    full = _recs(fitted, users, world.train, k=fitted.n_items)
+    merged = recs.merge(full, on=[tb.USER_IDX, tb.ITEM_IDX], suffixes=("", "_full"))
+    assert len(merged) == len(recs) and np.allclose(merged[tb.SCORE], merged[f"{tb.SCORE}_full"], atol=1e-5)
+
+    later = model.params.model_copy(update={"candidates": "als"})
+    model.params = later
+    with pytest.raises(RecsysError, match="recommend with als first"):
+        model.recommend(users, 3, seen=world.train).count()
+
+
+def test_features_command_is_idempotent_and_checks_the_side_format(spark, world, capsys):
+    before = sorted(tb.read(spark, world.warehouse, tb.USER_FEATURES).collect())
+    assert main(["features", "--warehouse", world.warehouse]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "ok"
+    assert sorted(tb.read(spark, world.warehouse, tb.USER_FEATURES).collect()) == before
+    code = main(["features", "--warehouse", world.warehouse, "--users-file", "u.user", "--set", "features.format=none"])
+    assert code == 2 and "features.format=none" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_with_gru4rec_and_the_session_protocol(spark, world):
+    """train -> recommend -> evaluate for popularity and gru4rec, then the session protocol (the world
+    fixture already ran ingest, interactions and popularity for this run date)."""
+    gru = "model_params.gru4rec"
+    config = load_config(overrides=[
+        f"warehouse={world.warehouse}", *SMALL, "models=[popularity,gru4rec]", "evaluate.sessions=true",
+        f"{gru}.backend=local", f"{gru}.num_proc=1", f"{gru}.validation_users=5",
+        f"{gru}.net={{hidden: 16, parallel: 8, n_sample: 16, max_length: 20, dropout_hidden: 0.0}}",
+        f"{gru}.train={{epochs: 1, batch_size: 32, lr: 0.01, optimizer: adam, schedule: constant, "
+        "early_stopping_metric: recall@20, progress: false}",
+    ])
+    run = world.run
+    trained = pipeline.run_train(spark, config, "gru4rec", run)
+    assert set(trained["embeddings"]) == {tb.USER_EMBEDDINGS, tb.ITEM_EMBEDDINGS}
+    assert pipeline.run_recommend(spark, config, "gru4rec", run)["rows_out"] > 0
+    pipeline.run_evaluate(spark, config, run)
+    pipeline.run_evaluate_sessions(spark, config, run)
+
+    def metrics() -> pd.DataFrame:
+        return tb.read(spark, world.warehouse, tb.METRICS).toPandas()
+
+    rows = metrics()
+    for split in (run.split, pipeline.SESSIONS_SPLIT):
+        part = rows[rows[tb.SPLIT] == split]
+        assert set(part[tb.MODEL]) == {"popularity", "gru4rec"}, split
+    sessions = rows[rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT].set_index([tb.MODEL, tb.METRIC, tb.K])[tb.VALUE]
+    for model in ("popularity", "gru4rec"):
+        assert 0 <= sessions[(model, "mrr", 20)] <= sessions[(model, "recall", 20)] <= 1
+    assert sessions[("popularity", "n_queries", 0)] == sessions[("gru4rec", "n_queries", 0)] > 0
+    model_dir = Path(pipeline.model_path(config, "gru4rec", run))
+    assert json.loads((model_dir / "sessions" / "model.json").read_text())["level"] == "sessions"
+
+    # Re-scoring the user-level protocol replaces its own rows and leaves the session rows alone.
+    pipeline.run_evaluate(spark, config, run, ["gru4rec"])
+    again = metrics()
+    assert len(again) == len(rows)
+    assert (again[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum() == (rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum()
