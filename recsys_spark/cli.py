@@ -213,12 +213,12 @@ def cmd_similar_items(args, config) -> dict[str, Any]:
 
 def cmd_evaluate(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
-    from recsys_spark.evaluate import format_table
+    from recsys_spark.evaluate import format_table, summary_columns
 
     run = _run(args, config)
     metrics = pipeline.run_evaluate(_spark("evaluate"), config, run, config.models)
     print(f"metrics on the {run.split} split (run {run.run_id}):")
-    print(format_table(metrics))
+    print(format_table(metrics, summary_columns(metrics) or None))
     rows = len(metrics)
     if config.evaluate.sessions:
         sessions = pipeline.run_evaluate_sessions(_spark("evaluate"), config, run, config.models)

@@ -189,6 +189,17 @@ def with_run_info(metrics: DataFrame, run_id: str, run_date, model: str, split: 
     )
 
 
+# The terminal's default view: the headline metrics at the smallest K plus recall/coverage further down.
+SUMMARY_COLUMNS = ["ndcg@10", "hr@10", "recall@20", "map@10", "mrr@10", "ndcg@100", "coverage@10",
+                   "mean_popularity@10", "n_users@0"]
+
+
+def summary_columns(metrics: pd.DataFrame) -> list[str]:
+    """SUMMARY_COLUMNS that ``metrics`` (a long frame of metric, k, value) actually holds."""
+    present = {f"{m}@{int(k)}" for m, k in zip(metrics[tb.METRIC], metrics[tb.K], strict=True)}
+    return [c for c in SUMMARY_COLUMNS if c in present]
+
+
 def format_table(metrics: Mapping[str, DataFrame | pd.DataFrame] | DataFrame | pd.DataFrame,
                  columns: list[str] | None = None, digits: int = 4) -> str:
     """A plain-text comparison table for the terminal, one row per model.

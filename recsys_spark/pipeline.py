@@ -404,7 +404,7 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
     model is trained and recommended again only when its outputs for the run date are missing or older
     than silver/train. ``force`` reruns every step.
     """
-    from recsys_spark.evaluate import format_table
+    from recsys_spark.evaluate import format_table, summary_columns
 
     run = run or Run.of(config)
     tracker = tracker or tracker_for(config)
@@ -445,7 +445,7 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
         metrics = run_evaluate(spark, config, run)
         tracker.log_evaluation(metrics)
         echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
-        echo(format_table(metrics))
+        echo(format_table(metrics, summary_columns(metrics) or None))
         if config.evaluate.sessions:
             session_metrics = run_evaluate_sessions(spark, config, run)
             echo(f"\nnext-item metrics on the sessions after the temporal cut (run {run.run_id}):")

@@ -58,9 +58,10 @@ def build(name: str, overrides: list[str], params: dict, seq_len: int):
     return registry.build(name, config)
 
 
-def quality(spark, data_dir: Path, quick: bool) -> dict:
+def quality(spark, data_dir: Path, quick: bool, datasets: list[str], models: list[str]) -> dict:
     results = {}
-    for dataset, (path, preset, extra) in DATASETS.items():
+    for dataset in datasets:
+        path, preset, extra = DATASETS[dataset]
         root = tempfile.mkdtemp(prefix=f"bench-deep-{dataset}-")
         overrides = [f"warehouse={root}", *extra]
         config = load_config(overrides=overrides)
@@ -72,7 +73,8 @@ def quality(spark, data_dir: Path, quick: bool) -> dict:
         users = test.select(tb.USER_IDX).distinct()
         seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
         rows = {}
-        for label, (name, params) in MODELS.items():
+        for label in models:
+            name, params = MODELS[label]
             if quick and name in ("ncf", "sasrec"):
                 params = {**params, "train": {"epochs": 3}}
             model = build(name, overrides, params, config.interactions.max_sequence_length)
@@ -127,13 +129,16 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--throughput-epochs", type=int, default=4)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spark = get_spark("bench-deep")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "master": spark.sparkContext.master}}
     if not args.skip_quality:
-        report["quality"] = quality(spark, Path(args.data), args.quick)
+        report["quality"] = quality(spark, Path(args.data), args.quick, args.datasets.split(","),
+                                    args.models.split(","))
     if not args.skip_throughput:
         report["throughput"] = throughput(spark, Path(args.data), args.throughput_epochs)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
