@@ -148,30 +148,13 @@ def top_k_from_factors(user_factors: DataFrame, item_factors: DataFrame, k: int,
         raise RecsysError(f"k must be positive, got {k}")
     require_columns(user_factors, [tb.USER_IDX, EMBEDDING], "user factors")
     item_ids, item_matrix = collect_factors(item_factors, tb.ITEM_IDX)
-    excluded = positions(item_ids, np.asarray(list(exclude_items), dtype=np.int64))
-    block = max(1, min(users_per_block, MAX_BLOCK_CELLS // max(1, item_ids.size)))
-    items = user_factors.sparkSession.sparkContext.broadcast((item_ids, item_matrix, excluded))
+    items = user_factors.sparkSession.sparkContext.broadcast(item_matrix)
 
-    users = user_factors.select(tb.USER_IDX, EMBEDDING)
-    if seen is not None:
-        require_columns(seen, [tb.USER_IDX, tb.ITEM_IDX], "seen items")
-        seen_lists = seen.groupBy(tb.USER_IDX).agg(F.collect_list(tb.ITEM_IDX).alias(_SEEN))
-        users = users.join(seen_lists, tb.USER_IDX, "left")
-    else:
-        users = users.withColumn(_SEEN, F.lit(None).cast(T.ArrayType(T.IntegerType())))
+    def dot(part: pd.DataFrame) -> np.ndarray:
+        return np.stack(part[EMBEDDING].to_numpy()).astype(np.float32) @ items.value.T  # (users, items)
 
-    def score_blocks(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        ids, matrix, excl = items.value
-        for batch in batches:
-            for start in range(0, len(batch), block):
-                part = batch.iloc[start:start + block]
-                user_matrix = np.stack(part[EMBEDDING].to_numpy()).astype(np.float32)
-                out = top_k_block(part[tb.USER_IDX].to_numpy(), user_matrix, part[_SEEN].to_numpy(), ids,
-                                  matrix, k, excl)
-                if len(out):
-                    yield out
-
-    return users.mapInPandas(score_blocks, RECS_SCHEMA)
+    return top_k_from_scores(user_factors.select(tb.USER_IDX, EMBEDDING), dot, item_ids, k, seen, exclude_items,
+                             users_per_block)
 
 
 def normalized(factors: DataFrame) -> DataFrame:

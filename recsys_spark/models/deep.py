@@ -383,24 +383,8 @@ class SASRecRecommender(TorchRecommender):
 
     def _user_vectors(self, users: DataFrame) -> DataFrame:
         """(user_idx, embedding): the last position's hidden state over each user's sequence."""
-        model = self._broadcast_module(users.sparkSession)
-        block = self.params.users_per_block
-
-        def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            import torch
-
-            module = _cached_module(model)
-            for batch in batches:
-                for start in range(0, len(batch), block):
-                    part = batch.iloc[start:start + block]
-                    seq = torch.as_tensor(np.stack(part[tb.ITEMS].to_numpy()).astype(np.int64))
-                    with torch.no_grad():
-                        vectors = module.user_embedding(seq).float().numpy()
-                    yield pd.DataFrame({tb.USER_IDX: part[tb.USER_IDX].to_numpy(), EMBEDDING: list(vectors)})
-
-        schema = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType()),
-                               T.StructField(EMBEDDING, T.ArrayType(T.FloatType()))])
-        return self._sequences.join(users, tb.USER_IDX, "left_semi").mapInPandas(encode, schema)
+        return sequence_vectors(self._sequences, users, self._broadcast_module(users.sparkSession),
+                                self.params.users_per_block)
 
     def user_factors(self) -> DataFrame:
         return self._user_vectors(self._users)
@@ -508,25 +492,8 @@ class GRU4RecRecommender(TorchRecommender):
         if self._sequences is None:
             raise RecsysError("this gru4rec model was trained on sessions (fit_sessions): it scores sessions "
                               "(scorer()), not users")
-        model = self._broadcast_module(users.sparkSession)
-        block = self.params.users_per_block
-
-        def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            import torch
-
-            module = _cached_module(model)
-            for batch in batches:
-                for start in range(0, len(batch), block):
-                    part = batch.iloc[start:start + block]
-                    seq = torch.as_tensor(np.stack(part[tb.ITEMS].to_numpy()).astype(np.int64))  # [B, L]
-                    with torch.no_grad():
-                        h = module.user_embedding(seq).float().numpy()  # [B, H]
-                    vectors = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)  # [B, H + 1]
-                    yield pd.DataFrame({tb.USER_IDX: part[tb.USER_IDX].to_numpy(), EMBEDDING: list(vectors)})
-
-        schema = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType()),
-                               T.StructField(EMBEDDING, T.ArrayType(T.FloatType()))])
-        return self._sequences.join(users, tb.USER_IDX, "left_semi").mapInPandas(encode, schema)
+        return sequence_vectors(self._sequences, users, self._broadcast_module(users.sparkSession),
+                                self.params.users_per_block, append_one=True)
 
     def user_factors(self) -> DataFrame | None:
         return None if self._sequences is None else self._user_vectors(self._users)
@@ -776,6 +743,31 @@ def rank_location(rank: int) -> dict[str, Any]:
                 executor = parent.pid
                 break
     return {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "executor_pid": executor}
+
+
+def sequence_vectors(sequences: DataFrame, users: DataFrame, model, block: int,
+                     append_one: bool = False) -> DataFrame:
+    """(user_idx, embedding): a sequence model's ``user_embedding`` over each user's left-padded
+    sequence, computed on the executors by blocks. ``append_one`` adds a constant 1, for item factors
+    that carry a bias as their last column."""
+
+    def encode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import torch
+
+        module = _cached_module(model)
+        for batch in batches:
+            for start in range(0, len(batch), block):
+                part = batch.iloc[start:start + block]
+                seq = torch.as_tensor(np.stack(part[tb.ITEMS].to_numpy()).astype(np.int64))  # [B, L]
+                with torch.no_grad():
+                    vectors = module.user_embedding(seq).float().numpy()  # [B, d]
+                if append_one:
+                    vectors = np.concatenate([vectors, np.ones((len(vectors), 1), np.float32)], axis=1)
+                yield pd.DataFrame({tb.USER_IDX: part[tb.USER_IDX].to_numpy(), EMBEDDING: list(vectors)})
+
+    schema = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType()),
+                           T.StructField(EMBEDDING, T.ArrayType(T.FloatType()))])
+    return sequences.join(users, tb.USER_IDX, "left_semi").mapInPandas(encode, schema)
 
 
 _MODULES: dict[int, Any] = {}
