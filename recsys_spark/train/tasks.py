@@ -199,6 +199,20 @@ class _SamplingTask:
             return negatives.popularity(self.probs(device), shape, g, positives=positives)
         return negatives.uniform(self.n_items, shape, g, positives=positives)
 
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """HR/NDCG@k of the hold-out over the whole catalogue; the model's ``score_all`` takes the
+        hold-out's inputs (users for NCF, sequences for SASRec)."""
+        if self.holdout is None:
+            return {}
+        inner = _unwrap(model)
+        was_training = inner.training
+        inner.eval()
+        try:
+            return rank_holdout(lambda inputs: inner.score_all(inputs.long()), self.holdout, self.n_items,
+                                _device(inner))
+        finally:
+            inner.train(was_training)
+
 
 class NCFTask(_SamplingTask):
     """GMF, MLP or NeuMF on (user_idx, item_idx, weight) rows, n sampled negatives per positive."""
@@ -230,18 +244,6 @@ class NCFTask(_SamplingTask):
         weight = batch[tb.WEIGHT].float() if self.params.weighted else None
         loss_fn = losses.bpr if self.params.loss == "bpr" else losses.bce_sampled
         return loss_fn(logits[:, 0], logits[:, 1:], weight)
-
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        if self.holdout is None:
-            return {}
-        inner = _unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            return rank_holdout(lambda users: inner.score_all(users.long()), self.holdout, self.n_items,
-                                _device(inner))
-        finally:
-            inner.train(was_training)
 
 
 class SASRecTask(_SamplingTask):
@@ -285,15 +287,3 @@ class SASRecTask(_SamplingTask):
         neg_logits = hidden @ emb[neg.items].T  # [N, m]
         hits = neg.items.unsqueeze(0) == target.unsqueeze(1)  # [N, m]
         return losses.sampled_softmax(pos_logits, neg_logits, neg_log_q=neg.log_q, neg_mask=~hits)
-
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        if self.holdout is None:
-            return {}
-        inner = _unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            return rank_holdout(lambda seq: inner.score_all(seq.long()), self.holdout, self.n_items,
-                                _device(inner))
-        finally:
-            inner.train(was_training)
