@@ -319,10 +319,7 @@ class NCFRecommender(TorchRecommender):
         pair = self.module.user_item_embeddings()
         if pair is None:  # the MLP variant has no dot-product embeddings
             return None
-        matrix = pair[side].detach().cpu().numpy().astype(np.float32)
-        spark = SparkSession.getActiveSession()
-        rows = [(i, matrix[i].tolist()) for i in range(matrix.shape[0])]
-        return spark.createDataFrame(rows, f"{idx_col} int, {EMBEDDING} array<float>")
+        return matrix_frame(pair[side].detach().cpu().numpy(), idx_col)
 
     def _recommend(self, users, k, seen, exclude_items):
         spark = users.sparkSession
@@ -390,10 +387,7 @@ class SASRecRecommender(TorchRecommender):
         return self._user_vectors(self._users)
 
     def item_factors(self) -> DataFrame:
-        matrix = self.module.item_embeddings().detach().cpu().numpy().astype(np.float32)
-        spark = SparkSession.getActiveSession()
-        return spark.createDataFrame([(i, matrix[i].tolist()) for i in range(matrix.shape[0])],
-                                     f"{tb.ITEM_IDX} int, {EMBEDDING} array<float>")
+        return matrix_frame(self.module.item_embeddings().detach().cpu().numpy(), tb.ITEM_IDX)
 
     def _recommend(self, users, k, seen, exclude_items):
         return rec.top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
@@ -502,10 +496,7 @@ class GRU4RecRecommender(TorchRecommender):
         """(item_idx, [W_j, b_j]): output embedding and bias, so that ``[h, 1] . [W_j, b_j]`` is the score."""
         w = self.module.out_emb.weight.detach().cpu().numpy()  # [n_items, H]
         b = self.module.out_bias.weight.detach().cpu().numpy()  # [n_items, 1]
-        matrix = np.concatenate([w, b], axis=1).astype(np.float32)
-        spark = SparkSession.getActiveSession()
-        return spark.createDataFrame([(i, matrix[i].tolist()) for i in range(matrix.shape[0])],
-                                     f"{tb.ITEM_IDX} int, {EMBEDDING} array<float>")
+        return matrix_frame(np.concatenate([w, b], axis=1), tb.ITEM_IDX)
 
     def _recommend(self, users, k, seen, exclude_items):
         return rec.top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
@@ -743,6 +734,12 @@ def rank_location(rank: int) -> dict[str, Any]:
                 executor = parent.pid
                 break
     return {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "executor_pid": executor}
+
+
+def matrix_frame(matrix: np.ndarray, idx_col: str) -> DataFrame:
+    """(idx_col, embedding array<float>) with row i of ``matrix`` as index i (a small, driver-side matrix)."""
+    rows = [(i, row.tolist()) for i, row in enumerate(matrix.astype(np.float32))]
+    return SparkSession.getActiveSession().createDataFrame(rows, f"{idx_col} int, {EMBEDDING} array<float>")
 
 
 def sequence_vectors(sequences: DataFrame, users: DataFrame, model, block: int,
