@@ -74,25 +74,15 @@ def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return pos[ids[pos] == wanted]
 
 
-def top_k_block(user_ids: np.ndarray, user_matrix: np.ndarray, seen: Sequence | None, item_ids: np.ndarray,
-                item_matrix: np.ndarray, k: int, excluded: np.ndarray | None = None) -> pd.DataFrame:
-    """Top-``k`` items of one block of users: one matrix product, then a partial selection.
+def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | None, item_ids: np.ndarray,
+                    k: int, excluded: np.ndarray | None = None) -> pd.DataFrame:
+    """Top-``k`` items of one block of users from their (users, items) score matrix.
 
     ``seen[r]`` (an array of item ids, or None) and the ``excluded`` item positions score -inf and are
     never returned. Only the items scoring at least the k-th best score are sorted, on (-score,
     item_idx), so ties go to the smaller item_idx; a user with fewer than ``k`` candidates gets fewer rows.
-    """
-    if len(user_ids) == 0 or len(item_ids) == 0:
-        return pd.DataFrame({c: [] for c in RECS_SCHEMA.fieldNames()})
-    return top_k_of_scores(user_ids, user_matrix @ item_matrix.T, seen, item_ids, k, excluded)
-
-
-def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | None, item_ids: np.ndarray,
-                    k: int, excluded: np.ndarray | None = None) -> pd.DataFrame:
-    """Top-``k`` of a (users, items) score matrix, with the seen filter and tie rule of ``top_k_block``.
-
-    Shared by the factor models and by models that score the catalogue with a network (NeuMF).
-    ``scores`` is modified in place.
+    Shared by the factor models and by models that score with a network (NeuMF). ``scores`` is
+    modified in place.
     """
     n_users, n_items = len(user_ids), len(item_ids)
     if n_users == 0 or n_items == 0:

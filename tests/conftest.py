@@ -37,3 +37,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny torch models: one thread is fastest, leaves the other core free, and the seed is fixed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(before)

@@ -17,20 +17,13 @@ from recsys_spark.train.tasks import Holdout
 from recsys_spark.train.tasks_extra import DeepFMParams, DeepFMTask
 from recsys_spark.train.trainer import TrainConfig, fit
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 GROUP = "group"  # a user feature: which half of the catalogue the user likes
 GENRE = "genre"  # an item feature: which half of the catalogue the item is in
 USERS, ITEMS = 40, 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
 
 
 def _randomised(model: DeepFM) -> DeepFM:

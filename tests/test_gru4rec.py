@@ -26,18 +26,11 @@ from recsys_spark.train.session_batches import (
 from recsys_spark.train.tasks_extra import GRU4RecParams, GRU4RecTask, fit_session_parallel
 from recsys_spark.train.trainer import TrainConfig, fit
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 N_ITEMS = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ session batches

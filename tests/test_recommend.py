@@ -48,7 +48,7 @@ def factors_frame(spark, ids, matrix, id_col):
     return spark.createDataFrame(rows, schema)
 
 
-def test_top_k_block_equals_brute_force_argsort():
+def test_top_k_of_scores_equals_brute_force_argsort():
     rng = np.random.default_rng(0)
     user_ids = np.arange(7, dtype=np.int32)
     item_ids = np.array([0, 2, 3, 5, 8, 9, 11, 12, 20, 21], dtype=np.int32)  # not dense: positions != ids
@@ -57,16 +57,17 @@ def test_top_k_block_equals_brute_force_argsort():
     seen = {0: [2, 3, 99], 3: [0], 6: [0, 2, 3, 5, 8, 9, 11, 12]}  # 99 is not in the catalogue
     seen_col = [np.array(seen.get(u, []), dtype=np.int32) if u in seen else None for u in user_ids]
     excluded = [20]
-    got = R.top_k_block(user_ids, users, seen_col, item_ids, items, 4, R.positions(item_ids, np.array(excluded)))
+    got = R.top_k_of_scores(user_ids, users @ items.T, seen_col, item_ids, 4,
+                            R.positions(item_ids, np.array(excluded)))
     assert_same_recs(as_rows(got), brute_force(user_ids, users, item_ids, items, 4, seen, excluded))
     # User 6 has seen 8 items and item 20 is excluded: only item 21 is left.
     assert got[got[tb.USER_IDX] == 6][tb.ITEM_IDX].tolist() == [21]
 
 
-def test_top_k_block_breaks_ties_by_smaller_item():
+def test_top_k_of_scores_breaks_ties_by_smaller_item():
     item_ids = np.arange(5, dtype=np.int32)
     items = np.array([[1.0], [2.0], [2.0], [2.0], [1.0]], dtype=np.float32)  # items 1, 2, 3 tie for first
-    got = R.top_k_block(np.array([0]), np.array([[1.0]], np.float32), None, item_ids, items, 2)
+    got = R.top_k_of_scores(np.array([0]), np.array([[1.0]], np.float32) @ items.T, None, item_ids, 2)
     assert got[tb.ITEM_IDX].tolist() == [1, 2]
     assert got[tb.RANK].tolist() == [1, 2]
 

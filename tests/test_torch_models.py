@@ -17,19 +17,11 @@ from recsys_spark.models.ncf import GMF, MLP, NeuMF
 from recsys_spark.models.sasrec import SASRec
 from recsys_spark.train.tasks import Holdout, NCFParams, NCFTask, SASRecParams, SASRecTask
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 PAD = tb.PAD_IDX
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest and leaves the other cores to parallel test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
 
 
 def ncf_models(n_users: int = 6, n_items: int = 9) -> list[torch.nn.Module]:
