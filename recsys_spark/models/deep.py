@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -82,19 +82,13 @@ class GRU4RecModelParams(DeepParams):
     schedule (``GRU4RecParams.batch_sessions``). ``net.optimizer``, ``net.lr`` and ``net.epochs`` belong to
     the one-process ``fit_session_parallel`` and are not used here. Validation: the whole sequences of
     ``validation_users`` users (sessions, for ``fit_sessions``), held out of training and scored with the
-    next-item protocol (recall@20, mrr@20, ndcg@20)."""
+    next-item protocol (recall@20, mrr@20, ndcg@20). Every backend works: the GRU is stepped outside
+    ``forward``, so under ``torch`` the model is not wrapped in DDP and the optimizer averages the
+    gradients over the ranks before each step (``GRU4RecTask.ddp_forward``)."""
 
     net: GRU4RecParams = GRU4RecParams()
     train: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=0.005, optimizer="adam", schedule="constant",
                                      early_stopping_metric="recall@20", patience=3)
-
-    @model_validator(mode="after")
-    def _not_ddp(self) -> GRU4RecModelParams:
-        # GRU4RecTask steps the GRU through forward_step, outside DDP's forward (and many times per
-        # backward): under torch DDP the wrapper has no forward_step and gradients would not be reduced.
-        if self.backend == "torch":
-            raise ValueError("gru4rec trains with backend horovod or local, not torch (DDP)")
-        return self
 
 
 class DeepFMModelParams(DeepParams):

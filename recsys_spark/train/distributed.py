@@ -5,6 +5,12 @@ results, rank 0's first. ``ctx`` (a :class:`DistContext`) hides the backend: ran
 (chosen in :func:`pick_device` only), ``prepare`` (Horovod wraps the optimizer, DDP wraps the model),
 ``broadcast_parameters``, ``broadcast_object`` and ``allreduce_mean``.
 
+Gradient averaging under ``torch``: DistributedDataParallel reduces gradients only for outputs computed
+through its ``forward``. A training step that calls other methods of the model (GRU4Rec steps its GRU
+through ``forward_step``, many times per backward) asks ``prepare(..., ddp_forward=False)`` instead: the
+model stays bare and the optimizer averages every gradient over the ranks (one ``all_reduce`` per
+parameter) right before each ``step``, as Horovod's ``DistributedOptimizer`` does for every model.
+
 ``train_fn`` and what it closes over are pickled and shipped to the ranks: close over the Petastorm
 converter and plain configs, never the SparkSession or a DataFrame (DESIGN section 7). A function defined
 in a module the ranks cannot import (a script, a test file) must be registered with cloudpickle's
@@ -110,12 +116,15 @@ class DistContext(ABC):
 
     @abstractmethod
     def prepare(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ddp_forward: bool = True
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Make ``model`` (already on ``self.device``) and its optimizer average gradients across ranks.
 
         Returns the module to call in the training step and the optimizer to step. Keep a reference to
         the unwrapped ``model`` for validation and checkpoints (DDP prefixes its state_dict keys).
+        ``ddp_forward=False``: the step computes outputs outside ``model.forward`` (or calls it several
+        times per backward), so the module must not be wrapped in DDP; gradients are averaged in the
+        optimizer's ``step`` instead (only the ``torch`` backend tells the two apart).
         """
 
     @abstractmethod
@@ -139,7 +148,7 @@ class LocalContext(DistContext):
     def __init__(self) -> None:
         super().__init__(rank=0, size=1, local_rank=0, local_size=1)
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, ddp_forward=True):
         return model, optimizer
 
     def broadcast_parameters(self, model, optimizer=None) -> None:
@@ -164,7 +173,8 @@ class HorovodContext(DistContext):
         self._hvd = hvd
         super().__init__(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(), local_size=hvd.local_size())
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, ddp_forward=True):
+        # DistributedOptimizer averages in step() whatever the step called: no DDP-style restriction.
         wrapped = self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
         return model, wrapped
 
@@ -215,11 +225,29 @@ class TorchContext(DistContext):
     def threads(self) -> int:
         return max(1, host_cores() // self._ranks_on_host)
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, ddp_forward=True):
+        if not ddp_forward:  # the bare model; the optimizer averages the gradients before every step
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer.register_step_pre_hook(lambda *_: self.average_gradients(params))
+            return model, optimizer
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids), optimizer
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its mean over the ranks (every rank, same order).
+
+        A missing gradient counts as zeros, so every rank joins every ``all_reduce`` and steps the same
+        parameters: ranks that start equal stay equal.
+        """
+        import torch
+
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            self._dist.all_reduce(param.grad)
+            param.grad.div_(self.size)
 
     def broadcast_parameters(self, model, optimizer=None) -> None:
         for tensor in model.state_dict().values():
@@ -311,8 +339,9 @@ def launch(
 
     - ``horovod``: ``horovod.spark.run`` (Gloo controller; NCCL for CUDA tensors when built with it); each
       rank is a Spark task, so the session needs ``num_proc`` free task slots.
-    - ``torch``: ``TorchDistributor`` (torchrun, DDP): on the driver for a ``local[...]`` master, as a
-      Spark barrier job on a cluster. GPUs are used when Spark schedules them.
+    - ``torch``: ``TorchDistributor`` (torchrun; DDP, or averaging in the optimizer for ``ddp_forward=False``):
+      on the driver for a ``local[...]`` master, as a Spark barrier job on a cluster. GPUs are used when
+      Spark schedules them.
     - ``local``: ``train_fn`` in this process with a single-rank context (``num_proc`` must be 1).
 
     ``start_timeout`` bounds how long Horovod waits for its tasks to start.

@@ -257,9 +257,12 @@ class GRU4RecTask(_SamplingTask):
     """GRU4Rec on whole sessions (``items`` [R, L], PAD = -1); see the module docstring for the layout.
 
     ``holdout_sessions`` (item lists) are scored with the next-item protocol (Recall@20, MRR@20).
+    ``loss`` steps the GRU through ``forward_step``, not ``forward`` (``ddp_forward = False``): under the
+    ``torch`` backend the model is not wrapped in DDP and the optimizer averages the gradients instead.
     """
 
     columns = [tb.ITEMS]
+    ddp_forward = False
 
     def __init__(self, params: GRU4RecParams, n_items: int, item_counts: np.ndarray | None = None,
                  holdout_sessions: Sequence[Sequence[int]] | None = None, k: int = 20) -> None:

@@ -53,6 +53,11 @@ class TrainTask(Protocol):
     compute outputs by calling ``model(...)`` (DDP averages gradients through ``forward`` only) and
     reach attributes through ``distributed.unwrap(model)``.
 
+    Optionally ``ddp_forward`` (default True): set it to False on a task whose ``loss`` computes outputs
+    through other methods of the model (GRU4Rec steps its GRU with ``forward_step``, many times per
+    backward). Its model is then not wrapped in DDP under the ``torch`` backend; the optimizer averages
+    the gradients over the ranks before every step instead (``DistContext.prepare``).
+
     ``validate(model)``: metrics on the validation data, higher is better (e.g. ``{"ndcg@10": 0.1}``),
     or ``{}``. Runs on rank 0 only, in eval mode under ``torch.no_grad``, with the unwrapped model.
 
@@ -161,7 +166,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
     torch.manual_seed(config.seed)  # the same initial weights everywhere; the broadcast below makes sure
     model = task.build_model().to(ctx.device)
     optimizer = make_optimizer(model, config)
-    step_model, optimizer = ctx.prepare(model, optimizer)
+    step_model, optimizer = ctx.prepare(model, optimizer, ddp_forward=getattr(task, "ddp_forward", True))
 
     progress, best_state, error = _Progress(), None, None
     if ctx.is_main and config.resume:
