@@ -92,6 +92,9 @@ def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | 
     """bronze/events + index tables (+ side files) -> silver/user_features, silver/item_features and
     silver/feature_vocab (``recsys_spark.data.features``), what DeepFM trains on.
 
+    Features grow only from the events of ``config.split``'s training period (``splits.training_events``):
+    the models are scored on what follows it, so later activity must not reach their inputs.
+
     ``side_users`` / ``side_items`` default to ``features.users_file`` / ``items_file``; with ``features.format``
     ``movielens`` they are MovieLens-100K's ``u.user`` / ``u.item``. Returns the tables' row counts.
     """
@@ -105,7 +108,12 @@ def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | 
                           "set features.format=movielens")
     readers = {"users": features.read_movielens_users, "items": features.read_movielens_items}
     side = {name: readers[name](spark, path) for name, path in named.items()}
-    return features.build_features(spark, config.warehouse, side=side, update_vocab=True)
+    wh = config.warehouse
+    visible = splits.training_events(
+        tb.read(spark, wh, tb.BRONZE_EVENTS), tb.read(spark, wh, tb.USER_INDEX),
+        _split(spark, config, tb.TRAIN, config.split), _split(spark, config, tb.TEST, config.split), config.split,
+    )
+    return features.build_features(spark, wh, side=side, update_vocab=True, events=visible)
 
 
 def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:

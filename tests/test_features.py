@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.data import features as ft
-from recsys_spark.data import indexing
+from recsys_spark.data import indexing, splits
 
 pytestmark = pytest.mark.spark
 
@@ -68,9 +68,11 @@ def test_features_of_active_and_cold_users_and_items(spark, built):
     u2 = _decoded(vocab, users["u2"], fields)
     assert u2[tb.RECENCY] == "3d-7d" and u2[f"{tb.ACTIVITY_PREFIX}purchase"] == "1"
     assert u2[tb.OCCUPATION] is None and users["u2"][tb.OCCUPATION] == ft.UNKNOWN  # no side row: 0
-    # A side-file user without events: no user_idx, zero activity, "never" seen, side features kept.
+    # A side-file user without events: indexed after the others (so every model recommends for it),
+    # zero activity, "never" seen, side features kept.
     u3 = _decoded(vocab, users["u3"], fields)
-    assert users["u3"][tb.USER_IDX] is None
+    index = {r[tb.USER_ID]: r[tb.USER_IDX] for r in tb.read(spark, warehouse, tb.USER_INDEX).collect()}
+    assert users["u3"][tb.USER_IDX] == index["u3"] == 2 and {index["u1"], index["u2"]} == {0, 1}
     assert u3[f"{tb.ACTIVITY_PREFIX}view"] == "0" and u3[tb.RECENCY] == ft.NEVER and u3[tb.OCCUPATION] == "artist"
     assert users["u3"][tb.FAVOURITE_CATEGORY] == ft.UNKNOWN
 
@@ -134,11 +136,40 @@ def test_vocabulary_is_stable_across_builds_and_append_only(spark, warehouse):
     assert second[(tb.CATEGORY, "toys")] == max(categories) == len(categories)
 
 
+def test_features_grow_only_from_the_training_period(spark, warehouse):
+    """Test-period activity must not reach the features: leave-last-out cuts each user before the first
+    event on their test item; the temporal split cuts every user at the latest train interaction."""
+    _write_events(spark, warehouse, EVENTS)
+    events = tb.read(spark, warehouse, tb.BRONZE_EVENTS)
+    users = tb.read(spark, warehouse, tb.USER_INDEX)
+    idx = {r[tb.USER_ID]: r[tb.USER_IDX] for r in users.collect()}
+    items = {r[tb.ITEM_ID]: r[tb.ITEM_IDX] for r in tb.read(spark, warehouse, tb.ITEM_INDEX).collect()}
+    schema = f"{tb.USER_IDX} int, {tb.ITEM_IDX} int, {tb.FIRST_TS} timestamp, {tb.LAST_TS} timestamp"
+    at = lambda h: T0 + dt.timedelta(hours=h)  # noqa: E731
+    # u1's test item is i2 (first seen at hour 4); u2 has no test item.
+    train = spark.createDataFrame([(idx["u1"], items["i1"], at(0), at(3)), (idx["u2"], items["i2"], at(-72), at(-72))],
+                                  schema)
+    test = spark.createDataFrame([(idx["u1"], items["i2"], at(4), at(4))], schema)
+    kept = splits.training_events(events, users, train, test, splits.LEAVE_LAST_OUT)
+    assert sorted((r[tb.USER_ID], r[tb.ITEM_ID]) for r in kept.collect()) == [("u1", "i1")] * 4 + [("u2", "i2")]
+    ft.build_features(spark, warehouse, events=kept)
+    vocab = ft.Vocabulary.read(spark, warehouse)
+    u1 = next(r for r in tb.read(spark, warehouse, tb.USER_FEATURES).collect() if r[tb.USER_ID] == "u1")
+    assert _decoded(vocab, u1, [f"{tb.ACTIVITY_PREFIX}view"]) == {f"{tb.ACTIVITY_PREFIX}view": "2-3"}  # not 4-7
+    i2 = next(r for r in tb.read(spark, warehouse, tb.ITEM_FEATURES).collect() if r[tb.ITEM_ID] == "i2")
+    assert _decoded(vocab, i2, [tb.POPULARITY_BUCKET])[tb.POPULARITY_BUCKET] == "1"  # u1's view came later
+    # Temporal: the cut is the latest train time (hour 2 here), the same for every user.
+    early = spark.createDataFrame([(idx["u1"], items["i1"], at(0), at(2))], schema)
+    kept = splits.training_events(events, users, early, test, splits.TEMPORAL)
+    assert kept.count() == 4 and kept.agg(F.max(tb.EVENT_TIME)).first()[0] == at(2)
+
+
 def test_deepfm_frame_spec_and_item_matrix(spark, built):
     warehouse, _ = built
     spec = ft.load_feature_spec(spark, warehouse)
     assert spec.user_fields[0] == tb.USER_IDX and spec.item_fields[0] == tb.ITEM_IDX
-    assert spec.cardinalities[tb.USER_IDX] == 3 and spec.cardinalities[tb.ITEM_IDX] == 3  # 2 ids + unknown
+    n_users = tb.read(spark, warehouse, tb.USER_INDEX).count()  # u1, u2, side-only u3 (and u4 if built)
+    assert spec.cardinalities[tb.USER_IDX] == n_users + 1 and spec.cardinalities[tb.ITEM_IDX] == 3  # + unknown
     assert tb.OCCUPATION in spec.user_fields and spec.n_query == len(spec.user_fields)
     assert ft.FeatureSpec.from_dict(spec.to_dict()) == spec
     users, items = tb.read(spark, warehouse, tb.USER_FEATURES), tb.read(spark, warehouse, tb.ITEM_FEATURES)
@@ -152,9 +183,12 @@ def test_deepfm_frame_spec_and_item_matrix(spark, built):
         assert list(row[tb.FIELDS][spec.n_query:]) == matrix[row[tb.ITEM_IDX]].tolist()
         assert row[tb.FIELDS][0] == row[tb.USER_IDX] + 1
         assert all(0 <= v < c for v, c in zip(row[tb.FIELDS], spec.sizes, strict=True))
-    # A side-file user without activity (u3, or u4 after the inference-time build) is still a query row.
-    cold = [r for r in ft.query_frame(users, spec).collect() if r[tb.USER_IDX] is None]
-    assert len(cold) == 1 and cold[0][tb.FIELDS][0] == ft.UNKNOWN and len(cold[0][tb.FIELDS]) == len(spec.user_fields)
+    # A side-file user without activity (u3) is a query row of its own: its id, then "never" seen.
+    queries = {r[tb.USER_ID]: r for r in ft.query_frame(users, spec).collect()}
+    u3 = queries["u3"][tb.FIELDS]
+    assert len(u3) == len(spec.user_fields) and u3[0] == queries["u3"][tb.USER_IDX] + 1
+    never = ft.Vocabulary.read(spark, warehouse).lookup(tb.RECENCY, ft.NEVER)
+    assert u3[spec.user_fields.index(tb.RECENCY)] == never != ft.UNKNOWN
 
 
 @pytest.mark.shared_data

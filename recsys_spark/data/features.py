@@ -33,8 +33,11 @@ Features, by where they come from:
 - of an event (:func:`context_features`): hour of day, day of week (UTC, the session time zone) and the
   event type.
 
-Users or items present in a side file but absent from the index tables (no activity yet) are kept with
-a null ``user_idx``/``item_idx``: they are the cold-start rows a feature model can still score.
+Users present in a side file but absent from ``silver/user_index`` (no activity yet) are appended to the
+index by :func:`build_features`: they are the cold-start users a feature model scores from their side
+features alone. Side-only items keep a null ``item_idx`` (no model can recommend an item outside the
+index). Features that grow with use are built from the events a model may see: the pipeline passes the
+split's training period (``splits.training_events``), so no test-period activity leaks into training.
 
 The vocabulary is small by construction (categorical values, not ids); :class:`Vocabulary` is its
 in-memory form, collected once (logged) and used to encode with literal maps, no joins.
@@ -56,6 +59,7 @@ from pyspark.sql import types as T
 
 from recsys_spark import tables as tb
 from recsys_spark.config import EVENT_TYPES
+from recsys_spark.data import indexing
 from recsys_spark.errors import RecsysError
 
 log = logging.getLogger(__name__)
@@ -391,17 +395,23 @@ def encode(raw: DataFrame, vocab: Vocabulary, fields: Sequence[str]) -> DataFram
 
 
 def build_features(spark: SparkSession, warehouse: str, side: Mapping[str, DataFrame] | None = None,
-                   update_vocab: bool = True, reference_time: Any = None) -> dict[str, int]:
+                   update_vocab: bool = True, reference_time: Any = None,
+                   events: DataFrame | None = None) -> dict[str, int]:
     """Build ``silver/user_features`` and ``silver/item_features`` (and grow ``silver/feature_vocab``).
 
     Parameters
     ----------
     side : optional ``{"users": frame keyed by user_id, "items": frame keyed by item_id}``; every other
         column is a categorical field (cast to string). E.g. ``{"users": read_movielens_users(spark,
-        "ml-100k/u.user"), "items": read_movielens_items(spark, "ml-100k/u.item")}``.
+        "ml-100k/u.user"), "items": read_movielens_items(spark, "ml-100k/u.item")}``. Side users without
+        an index row (no activity, or too little for the activity filters) are appended to
+        ``silver/user_index``: every model then recommends for them (popularity for most, DeepFM from
+        their features).
     update_vocab : False at inference: the vocabulary is read as it is and unseen values encode to 0.
         The context fields' fixed domains are seeded on the first training build.
-    reference_time : "now" for recency; default the latest event time (deterministic re-runs).
+    reference_time : "now" for recency; default the latest time of ``events`` (deterministic re-runs).
+    events : the events the features grow from; default all of ``bronze/events``. The pipeline passes
+        the split's training period (``splits.training_events``) so that no test-period activity leaks.
 
     Returns the row count of each table written. Both feature tables are overwritten whole (one commit
     each), so a re-run on the same inputs leaves them unchanged.
@@ -410,7 +420,12 @@ def build_features(spark: SparkSession, warehouse: str, side: Mapping[str, DataF
     unknown = sorted(set(side) - {"users", "items"})
     if unknown:
         raise RecsysError(f"side features are keyed 'users' and 'items', got {unknown}")
-    events = tb.read(spark, warehouse, tb.BRONZE_EVENTS)
+    if events is None:
+        events = tb.read(spark, warehouse, tb.BRONZE_EVENTS)
+    if "users" in side:
+        _side_fields(side["users"], tb.USER_ID)  # names the missing key before Spark would
+        indexing.update_index(spark, _as_strings(side["users"], tb.USER_ID), warehouse, tb.USER_INDEX,
+                              tb.USER_ID, tb.USER_IDX)
     users_raw = user_raw_features(events, tb.read(spark, warehouse, tb.USER_INDEX), side.get("users"),
                                   reference_time).persist()
     items_raw = item_raw_features(events, tb.read(spark, warehouse, tb.ITEM_INDEX), side.get("items")).persist()

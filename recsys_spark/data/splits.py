@@ -56,3 +56,22 @@ def temporal(indexed_events: DataFrame, test_fraction: float) -> tuple[DataFrame
         .join(train.select(tb.USER_IDX, tb.ITEM_IDX), [tb.USER_IDX, tb.ITEM_IDX], "left_anti")
     )
     return train, test
+
+
+def training_events(events: DataFrame, users_index: DataFrame, train: DataFrame, test: DataFrame,
+                    split: str) -> DataFrame:
+    """The raw events a model trained on ``split`` may learn from.
+
+    Features built from every event (activity counts, recency, item popularity) would tell a model about
+    the test period it is scored on. ``temporal``: the events at or before the latest train interaction
+    (the global cut). ``leave_last_out``: each user's events before the first event on their test item;
+    users without a test item keep all of theirs. ``train``/``test`` are that split's rows.
+    """
+    if split == TEMPORAL:
+        cut = train.agg(F.max(tb.LAST_TS)).first()[0]
+        return events if cut is None else events.filter(F.col(tb.EVENT_TIME) <= F.lit(cut))
+    if split != LEAVE_LAST_OUT:
+        raise ValueError(f"unknown split {split!r}; known: {LEAVE_LAST_OUT}, {TEMPORAL}")
+    cuts = test.join(users_index, tb.USER_IDX).groupBy(tb.USER_ID).agg(F.min(tb.FIRST_TS).alias("_cut"))
+    return (events.join(cuts, tb.USER_ID, "left")
+            .filter(F.col("_cut").isNull() | (F.col(tb.EVENT_TIME) < F.col("_cut"))).drop("_cut"))
