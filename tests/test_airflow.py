@@ -206,6 +206,21 @@ def test_models_default_to_the_config_file(airflow):
     assert sorted(t for t in tasks if t.startswith("train_")) == sorted(f"train_{m}" for m in configured)
 
 
+def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(airflow):
+    models = ["popularity", "als", "deepfm"]
+    overrides = [*OVERRIDES, "model_params.deepfm.candidates=als"]
+    tasks = airflow.dag(settings={**airflow.settings, "models": models, "overrides": overrides})["tasks"]
+    assert tasks["features"]["upstream"] == ["interactions"]
+    assert tasks["features"]["application"] == str(REPO / "jobs" / "features.py")
+    assert tasks["train_deepfm"]["upstream"] == ["features", "interactions"]
+    assert tasks["recommend_deepfm"]["upstream"] == ["recommend_als", "train_deepfm"]
+    assert tasks["train_als"]["upstream"] == ["interactions"]  # only DeepFM reads the features
+    # Re-ranking a model the DAG does not run is an import error that names it.
+    bad = [*OVERRIDES, "model_params.deepfm.candidates=sasrec"]
+    dag = airflow.dag(settings={**airflow.settings, "models": models, "overrides": bad})
+    assert "sasrec" in " ".join(dag["import_errors"].values())
+
+
 @pytest.fixture(scope="module")
 def daily_run(airflow) -> subprocess.CompletedProcess:
     """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2]."""

@@ -5,6 +5,11 @@
     ingest -> interactions -> train_<model> (one per model, in parallel) -> recommend_<model>
            -> evaluate -> publish
 
+With ``deepfm`` among the models, a ``features`` task (``jobs/features.py``) runs between interactions
+and train_deepfm; when DeepFM re-ranks another model's candidates (``candidates`` in
+``conf/models/deepfm.yaml``, or ``--set model_params.deepfm.candidates=<model>`` in ``overrides``),
+recommend_deepfm also waits for recommend_<that model>.
+
 Each task is a ``SparkSubmitOperator`` running ``<repo>/jobs/<command>.py`` (publish:
 ``<repo>/scripts/airflow/publish_check.py``) with ``--run-date {{ ds }}``, so a re-run or a backfill
 of a day replaces that day's rows of each model in the gold tables and nothing else. Runs go one at a
@@ -45,9 +50,9 @@ error. Defaults come from the repository's conf files.
 ``spark_conf``, ``properties_file``, ``env_vars``
     more Spark settings (over the Delta ones), ``--properties-file``, the environment of spark-submit
 ``pool``
-    an Airflow pool for the train and recommend tasks (default none). Parallel model tasks that write
-    the same gold table at once can fail with Delta's ConcurrentAppendException (the tables are not
-    partitioned by model); retries recover, a 1-slot pool avoids it at the cost of parallelism
+    an Airflow pool for the train and recommend tasks (default none), e.g. to bound how many Spark
+    applications run at once; parallel model tasks write disjoint (run_date, model) partitions of the
+    gold tables, so they do not need one to stay correct
 ``retries``, ``retry_delay_minutes``, ``max_retry_delay_minutes``, ``timeout_hours``
     retries with exponential back-off (defaults 3, 5, 60) and a per-task time limit (default none)
 ``schedule``, ``start_date``
@@ -163,6 +168,21 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
+def deepfm_candidates(config: str, overrides: list[str]) -> str | None:
+    """The model whose recommendations DeepFM re-ranks: the last ``model_params.deepfm.candidates``
+    override, else ``candidates`` in ``conf/models/deepfm.yaml`` beside ``config`` (None: the full catalogue)."""
+    key = "model_params.deepfm.candidates="
+    given = [o.removeprefix(key) for o in overrides if o.startswith(key)]
+    if given:
+        value = yaml.safe_load(given[-1])
+        return None if value is None else str(value)
+    params = Path(config).parent / "models" / "deepfm.yaml"
+    if not params.is_file():
+        return None
+    value = (yaml.safe_load(params.read_text()) or {}).get("candidates")
+    return None if value is None else str(value)
+
+
 def _job_args(s: dict[str, Any]) -> list[str]:
     """The options every job takes: config, warehouse, the run date and the overrides."""
     args = ["--config", s["config"], "--warehouse", s["warehouse"], "--run-date", RUN_DATE]
@@ -190,7 +210,7 @@ def _submit(task_id: str, application: str, args: list[str], s: dict[str, Any], 
 
 
 def build_dag(s: dict[str, Any]) -> DAG:
-    """ingest -> interactions -> train_<m> -> recommend_<m> -> evaluate -> publish, for ``s["models"]``."""
+    """ingest -> interactions [-> features] -> train_<m> -> recommend_<m> -> evaluate -> publish."""
     job = f"{s['repo']}/jobs/{{}}.py"
     common = _job_args(s)
     with DAG(
@@ -224,11 +244,19 @@ def build_dag(s: dict[str, Any]) -> DAG:
         )
         ingest >> interactions
         per_model = {"pool": s["pool"]} if s["pool"] else {}
+        recommends = {}
         for model in s["models"]:
             train = _submit(f"train_{model}", job.format("train"), ["--model", model, *common], s, **per_model)
-            recommend = _submit(
+            recommends[model] = _submit(
                 f"recommend_{model}", job.format("recommend"), ["--model", model, *common], s, **per_model)
-            interactions >> train >> recommend >> evaluate
+            interactions >> train >> recommends[model] >> evaluate
+            if model == "deepfm":  # DeepFM reads silver/*_features, built from the training period
+                interactions >> _submit("features", job.format("features"), common, s) >> train
+        candidates = deepfm_candidates(s["config"], s["overrides"]) if "deepfm" in recommends else None
+        if candidates:
+            if candidates not in recommends:
+                raise ValueError(f"deepfm re-ranks {candidates!r}, which is not among the models {s['models']}")
+            recommends[candidates] >> recommends["deepfm"]
         evaluate >> publish
     return dag
 
