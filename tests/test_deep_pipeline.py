@@ -142,11 +142,14 @@ def test_deepfm_fit_recommend_cold_user_save_load(spark, world, deepfm, tmp_path
     recs = _recs(model, users, world.train)
     _check_contract(recs, _pairs(world.train), user_set, K)  # the cold user included
 
-    # The cold user is scored from its features alone: its id field reads as unknown.
+    # The cold user is scored as id-dropout rows were trained: its id and activity fields read as
+    # unknown (here every user field: the synthetic world has no side file); warm users keep theirs.
     queries = {r[tb.USER_IDX]: list(r[tb.FIELDS]) for r in model._queries(users, model._users).collect()}
     warm = next(u for u in sorted(user_set) if u != cold)
-    assert queries[cold][0] == 0 and queries[warm][0] == warm + 1
-    assert queries[cold][1:] != [0] * (len(queries[cold]) - 1)  # it has features
+    history = [model.spec.user_fields.index(f) for f in model.spec.history_fields]
+    assert len(history) == len(model.spec.user_fields) > 1
+    assert [queries[cold][i] for i in history] == [0] * len(history) and queries[warm][0] == warm + 1
+    assert any(queries[warm][i] != 0 for i in history[1:])
 
     model.save(str(tmp_path / "model"))
     loaded = registry.load("deepfm", spark, str(tmp_path / "model"))
@@ -230,3 +233,31 @@ def test_pipeline_with_gru4rec_and_the_session_protocol(spark, world):
     again = metrics()
     assert len(again) == len(rows)
     assert (again[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum() == (rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum()
+
+
+def test_pipeline_trains_all_five_models_into_delta(spark, tmp_path, capsys):
+    """What the issue's user runs: one `recsys-spark pipeline` with ALS, NCF, DeepFM (re-ranking ALS),
+    GRU4Rec and SASRec, each on its own launcher, writing top-N and metrics to Delta."""
+    warehouse = str(tmp_path / "warehouse")
+    tiny = "train.epochs=1", "train.batch_size=64", "train.progress=false", "validation_users=5"
+    overrides = [*SMALL, "tracking.enabled=false", "model_params.als.rank=8", "model_params.als.max_iter=3",
+                 "model_params.deepfm.candidates=als", "model_params.deepfm.candidates_k=20",
+                 "model_params.sasrec.net.max_len=20", "model_params.gru4rec.net.max_length=20"]
+    backends = {"ncf": "local", "deepfm": "local", "sasrec": "local", "gru4rec": "torch"}
+    for model, backend in backends.items():
+        overrides += [f"model_params.{model}.{s}" for s in (*tiny, f"backend={backend}")]
+    overrides.append("model_params.gru4rec.num_proc=2")
+    args = ["pipeline", "--warehouse", warehouse, "--run-date", "2026-01-03", "--models",
+            "als,ncf,deepfm,gru4rec,sasrec"]
+    assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0, capsys.readouterr().err[-3000:]
+    models = {"als", "ncf", "deepfm", "gru4rec", "sasrec"}
+    day = F.col(tb.RUN_DATE) == F.lit(dt.date(2026, 1, 3))
+    recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).filter(day)
+    per_model = {r[0]: r[1] for r in recs.groupBy(tb.MODEL).agg(F.max(tb.RANK)).collect()}
+    assert per_model == {m: 10 for m in models}  # recommend.k=10 rows per user, every model
+    metrics = tb.read(spark, warehouse, tb.METRICS).filter(day & (F.col(tb.METRIC) == "ndcg")).toPandas()
+    assert set(metrics[tb.MODEL]) == models and metrics[tb.VALUE].between(0, 1).all()
+    # DeepFM only re-ranked ALS's lists (10 per user in gold here): the same items, in its own order.
+    als = recs.filter(F.col(tb.MODEL) == "als").select(tb.USER_ID, tb.ITEM_ID)
+    deepfm = recs.filter(F.col(tb.MODEL) == "deepfm").select(tb.USER_ID, tb.ITEM_ID)
+    assert deepfm.count() == als.count() > 0 and deepfm.subtract(als).count() == 0

@@ -122,10 +122,29 @@ def _train(task: DeepFMTask, steps: int, batch: int = 64) -> tuple[torch.nn.Modu
 
 def test_short_training_lowers_bce():
     task = _task()
-    _, history = _train(task, steps=150)
+    _, history = _train(task, steps=250)
     first, last = np.mean(history[:10]), np.mean(history[-10:])
     assert first > 4 * np.log(2) * 0.9  # 1 positive + 4 negatives near logit 0: about 5 log 2
     assert last < 0.6 * first
+
+
+def test_id_dropout_makes_whole_users_cold_as_serving_does():
+    """A dropped user loses its id and its activity fields (not its side fields) in the positive and all
+    its negatives; item ids drop row by row. That is the query a user the model never saw gets."""
+    activity = f"{tb.ACTIVITY_PREFIX}view"
+    cards = {tb.USER_IDX: 101, activity: 5, GROUP: 3, tb.ITEM_IDX: 51, GENRE: 3}
+    spec = FeatureSpec((tb.USER_IDX, activity, GROUP), (tb.ITEM_IDX, GENRE), (), cards)
+    assert spec.history_fields == (tb.USER_IDX, activity)
+    items = np.stack([np.arange(50) + 1, np.ones(50, dtype=int)], axis=1)
+    task = DeepFMTask(DeepFMParams(id_dropout=0.3, seed=0), spec, items)
+    rows = torch.tensor([7, 4, 2, 9, 1]).repeat(2000, 5, 1)  # [B, 1 + n, F]: id 7, activity 4, group 2
+    out = task._drop_ids(rows)
+    cold = out[:, :, 0] == 0  # [B, 1 + n]
+    assert (cold == cold[:, :1]).all() and 0.25 < cold[:, 0].float().mean() < 0.35  # whole groups, ~30%
+    assert (out[:, :, 1][cold] == 0).all() and (out[:, :, 1][~cold] == 4).all() and (out[:, :, 2] == 2).all()
+    item_cold = out[:, :, 3] == 0
+    assert 0.25 < item_cold.float().mean() < 0.35 and not (item_cold == item_cold[:, :1]).all()
+    assert (out[:, :, 4] == 1).all() and torch.equal(rows[0, 0], torch.tensor([7, 4, 2, 9, 1]))  # input intact
 
 
 def test_cold_user_recommendations_follow_the_feature_group():

@@ -494,9 +494,15 @@ class FeatureSpec:
         """Cardinalities in ``fields`` order: the DeepFM constructor's argument."""
         return [self.cardinalities[f] for f in self.fields]
 
-    def id_positions(self) -> list[int]:
-        """Positions of the id fields in ``fields`` (for id dropout)."""
-        return [i for i, f in enumerate(self.fields) if f in (tb.USER_IDX, tb.ITEM_IDX)]
+    @property
+    def history_fields(self) -> tuple[str, ...]:
+        """The user fields a user the model never trained on reads as unknown: the id and the fields
+        that grow with use. Id dropout blanks the same ones, so cold users are what training saw."""
+        return tuple(f for f in self.user_fields if f == tb.USER_IDX or f in USER_EVENT_FIELDS)
+
+    def positions(self, names: Sequence[str]) -> list[int]:
+        """Positions of ``names`` (those present) in ``fields``."""
+        return [i for i, f in enumerate(self.fields) if f in set(names)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_fields": list(self.user_fields), "item_fields": list(self.item_fields),

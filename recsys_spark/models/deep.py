@@ -520,9 +520,10 @@ class DeepFMRecommender(TorchRecommender):
     ``warehouse`` (the pipeline sets it; ``recsys-spark features`` builds them). The field layout
     (``FeatureSpec``, with the user and item ids as fields) and the item block of every item are saved
     with the model; the user block is read from the warehouse when recommending, so users indexed after
-    training, and users without train interactions, are scored from their features: their id field reads
-    as unknown (0), which id dropout trained the model for. ``known_users`` are the users with a feature
-    row (and, with ``candidates``, candidates); the pipeline's popularity fallback serves the rest.
+    training, and users without train interactions (side-file users), are cold: their id and activity
+    fields read as unknown (0), which id dropout trained the model for, and their side features rank.
+    ``known_users`` are the users with a feature row (and, with ``candidates``, candidates); the
+    pipeline's popularity fallback serves the rest.
 
     Recommending ranks the whole catalogue (up to ``max_catalogue`` items: every pair goes through the
     network) or, with ``candidates``, only that model's top ``candidates_k`` for the user.
@@ -586,7 +587,8 @@ class DeepFMRecommender(TorchRecommender):
 
     def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
         """(user_idx, fields): the query block of each of ``users`` that has a feature row. Users not in
-        ``trained`` (None: all are) read as an unknown id (0): their rows come from their features."""
+        ``trained`` (None: all are) are cold: their id and activity fields read as unknown (0), so they
+        are scored from their side features, as the id-dropout rows of training were."""
         spark = users.sparkSession
         rows = (self._user_features(spark).filter(F.col(tb.USER_IDX).isNotNull())
                 .join(users.select(tb.USER_IDX), tb.USER_IDX, "left_semi"))
@@ -598,8 +600,9 @@ class DeepFMRecommender(TorchRecommender):
             rows = rows.withColumn("_trained", F.lit(True))
         else:
             rows = rows.join(trained.select(tb.USER_IDX).withColumn("_trained", F.lit(True)), tb.USER_IDX, "left")
-        rows = rows.withColumn("_user", F.col(tb.USER_IDX)).withColumn(
-            tb.USER_IDX, F.when(F.col("_trained"), F.col(tb.USER_IDX)))  # null id -> field value 0
+        rows = rows.withColumn("_user", F.col(tb.USER_IDX))
+        for name in self.spec.history_fields:  # as id dropout trained: id and activity unknown (null -> 0)
+            rows = rows.withColumn(name, F.when(F.col("_trained"), F.col(name)))
         return rows.select(F.col("_user").alias(tb.USER_IDX), features.assemble(self.spec.user_fields))
 
     def _candidate_lists(self, spark: SparkSession) -> DataFrame:

@@ -7,8 +7,10 @@ builds it: the query block (user fields, then context fields) followed by the it
 ``FeatureSpec.fields`` order. Negatives are items drawn inside ``loss`` (uniform or popularity); the
 task holds the item block of every item (``item_fields`` [n_items, Fi], from
 ``features.item_field_matrix``) and swaps it in for the positive's, keeping the query block. With
-``id_dropout`` > 0 the id fields of a row are replaced by 0 (unknown) with that probability, so the
-model also learns to score from features alone: what a cold user or item (id 0) gets at inference.
+``id_dropout`` > 0 a row's user is made cold with that probability (its id and the fields that grow
+with use, ``FeatureSpec.history_fields``, read 0 = unknown, for the positive and its negatives alike),
+and each item's id independently: the model also learns to score from side features alone, which is
+exactly what a cold user or item gets at inference.
 
 GRU4Rec batch layout (``GRU4RecTask.columns``): ``items`` array<int> of fixed length L, one whole session
 per row, padded with PAD (-1) (``evaluate_sessions.session_item_arrays(..., max_length=L)``). The
@@ -95,7 +97,8 @@ class DeepFMTask(_SamplingTask):
             raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
         super().__init__(params.seed, item_fields.shape[0], item_counts, params.popularity_exponent, holdout)
         self.params, self.spec, self.item_fields = params, spec, item_fields
-        self.id_positions = spec.id_positions()
+        self.cold_user_positions = spec.positions(spec.history_fields)
+        self.item_id_positions = spec.positions([tb.ITEM_IDX])
         self._item_tables: dict[torch.device, Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -121,16 +124,21 @@ class DeepFMTask(_SamplingTask):
             self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
         return self._item_tables[device]
 
-    def _drop_ids(self, fields: Tensor) -> Tensor:
-        """fields [..., F] with the id fields set to 0 in a random ``id_dropout`` share of rows."""
-        if not self.id_positions or self.params.id_dropout <= 0:
-            return fields
-        g = self.generator(fields.device)
-        drop = torch.rand(fields.shape[:-1] + (len(self.id_positions),), generator=g, device=fields.device)
-        fields = fields.clone()
-        ids = fields[..., self.id_positions]
-        fields[..., self.id_positions] = torch.where(drop < self.params.id_dropout, torch.zeros_like(ids), ids)
-        return fields
+    def _drop_ids(self, rows: Tensor) -> Tensor:
+        """rows [B, 1 + n, F] with, at rate ``id_dropout``, each group's user made cold (its history
+        fields 0 in all 1 + n rows) and each row's item id 0."""
+        p = self.params.id_dropout
+        if p <= 0:
+            return rows
+        g = self.generator(rows.device)
+        rows = rows.clone()
+        cold_user = torch.rand(rows.shape[0], 1, 1, generator=g, device=rows.device) < p  # [B, 1, 1]
+        users = rows[..., self.cold_user_positions]  # [B, 1 + n, Pu]
+        rows[..., self.cold_user_positions] = torch.where(cold_user, torch.zeros_like(users), users)
+        cold_item = torch.rand(rows.shape[:2] + (1,), generator=g, device=rows.device) < p  # [B, 1 + n, 1]
+        items = rows[..., self.item_id_positions]  # [B, 1 + n, Pi]
+        rows[..., self.item_id_positions] = torch.where(cold_item, torch.zeros_like(items), items)
+        return rows
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         fields = batch[tb.FIELDS].long()  # [B, F]
