@@ -31,6 +31,7 @@ from recsys_spark.config import Section
 from recsys_spark.models.ncf import GMF, MLP, NeuMF
 from recsys_spark.models.sasrec import SASRec
 from recsys_spark.train import losses, negatives
+from recsys_spark.train.distributed import unwrap
 
 
 class TrainTask(Protocol):
@@ -117,12 +118,7 @@ class Holdout:
         return cls(np.asarray(inputs), np.asarray(targets, dtype=np.int64), indptr, items, k)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (its extra methods are not forwarded)."""
-    return getattr(model, "module", model)
-
-
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -204,12 +200,12 @@ class _SamplingTask:
         hold-out's inputs (users for NCF, sequences for SASRec)."""
         if self.holdout is None:
             return {}
-        inner = _unwrap(model)
+        inner = unwrap(model)
         was_training = inner.training
         inner.eval()
         try:
             return rank_holdout(lambda inputs: inner.score_all(inputs.long()), self.holdout, self.n_items,
-                                _device(inner))
+                                model_device(inner))
         finally:
             inner.train(was_training)
 
@@ -270,7 +266,7 @@ class SASRecTask(_SamplingTask):
         valid = (inputs != tb.PAD_IDX) & (targets != tb.PAD_IDX)  # [B, L-1]
         hidden = model(inputs)[valid]  # [N, d], N real (input, target) pairs
         target = targets[valid]  # [N]
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if self.params.loss == "ce":
             return losses.full_softmax_ce(inner.logits(hidden), target)  # logits [N, n_items]
         emb = inner.item_embeddings()  # [n_items, d], shared with the input embedding

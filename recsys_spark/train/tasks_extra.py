@@ -45,13 +45,9 @@ from recsys_spark.models.deepfm import DeepFM
 from recsys_spark.train import losses
 from recsys_spark.train.distributed import unwrap
 from recsys_spark.train.session_batches import SessionData, SessionParallelBatches, Step, sessions_from_padded
-from recsys_spark.train.tasks import Holdout, _SamplingTask, rank_holdout
+from recsys_spark.train.tasks import Holdout, _SamplingTask, model_device, rank_holdout
 
 log = logging.getLogger(__name__)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------------------------------------ DeepFM
@@ -192,7 +188,7 @@ class DeepFMTask(_SamplingTask):
         inner.eval()
         try:
             return rank_holdout(lambda query: self.score_all(inner, query), self.holdout, self.n_items,
-                                _device(inner))
+                                model_device(inner))
         finally:
             inner.train(was_training)
 
@@ -302,7 +298,7 @@ class GRU4RecTask(_SamplingTask):
         """
         p = self.params
         inputs, targets, reset, active = (torch.as_tensor(x) for x in step)
-        device = _device(model)
+        device = model_device(model)
         inputs, targets, reset, active = (x.to(device) for x in (inputs, targets, reset, active))
         out, hidden = model.forward_step(inputs, hidden, reset)  # [B, H], [layers, B, H]
         rows = active.nonzero().squeeze(1)  # [b]
