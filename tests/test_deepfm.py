@@ -183,3 +183,25 @@ def test_deepfm_task_through_the_trainer_with_validation():
     model = DeepFM(**result.model_args)
     model.load_state_dict(result.state_dict)
     assert result.model_args == task.model_args
+
+
+def test_candidate_scores_and_reciprocal_rank_fusion():
+    """Re-ranking scores only each row's candidates; rrf sums 1/(k + rank) of DeepFM's and the list's order."""
+    from recsys_spark.models.deep import _deepfm_score_candidates
+
+    class ItemValue(torch.nn.Module):  # logit = the item's one field: the network's order is known
+        def score_items(self, query, items):
+            return items[..., 0].float() + 0 * query[:, :1].float()
+
+    items = torch.tensor([[10], [5], [1], [3], [7]])  # item i's logit
+    query = torch.zeros(2, 1, dtype=torch.long)
+    candidates = [[3, 1, 2, 0], [4]]  # the candidate model's order, best first; row 2 has one candidate
+    plain = _deepfm_score_candidates(ItemValue(), query, items, candidates, n_items=5)
+    assert plain[0].tolist() == [10, 5, 1, 3, -np.inf] and plain[1].tolist() == [-np.inf] * 4 + [7]
+    fused = _deepfm_score_candidates(ItemValue(), query, items, candidates, n_items=5, rrf_k=1.0)
+    own = {0: 1, 1: 2, 3: 3, 2: 4}  # DeepFM's ranks among row 0's candidates
+    listed = {3: 1, 1: 2, 2: 3, 0: 4}
+    expected = [1 / (1 + own[i]) + 1 / (1 + listed[i]) for i in range(4)]
+    assert np.allclose(fused[0, :4], expected) and fused[0, 4] == -np.inf
+    assert np.argmax(fused[0]) == 3 and np.argmax(plain[0]) == 0  # the fusion promotes ALS's first pick
+    assert np.isclose(fused[1, 4], 1 / 2 + 1 / 2)

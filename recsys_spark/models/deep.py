@@ -104,6 +104,10 @@ class DeepFMModelParams(DeepParams):
                                      early_stopping_metric="ndcg@10", patience=3)
     candidates: str | None = Field(None, description="model whose gold/recommendations rows are re-ranked")
     candidates_k: int = Field(100, gt=0, description="candidates per user: the candidate model's top ranks")
+    fusion: Literal["none", "rrf"] = Field(
+        "none", description="with candidates: none = DeepFM's order alone; rrf = reciprocal-rank fusion "
+                            "(Cormack et al. 2009) of DeepFM's rank and the candidate model's rank")
+    rrf_k: float = Field(60.0, gt=0, description="rrf: score = 1/(rrf_k + rank) summed over both rankings")
     max_catalogue: int = Field(50_000, gt=0, description="largest catalogue scored in full without candidates")
 
 
@@ -606,7 +610,7 @@ class DeepFMRecommender(TorchRecommender):
         return rows.select(F.col("_user").alias(tb.USER_IDX), features.assemble(self.spec.user_fields))
 
     def _candidate_lists(self, spark: SparkSession) -> DataFrame:
-        """(user_idx, _candidates array<int>): the candidate model's top ``candidates_k`` of ``run_date``
+        """(user_idx, _candidates array<int>, best first): the candidate model's top ``candidates_k`` of ``run_date``
         (the latest run date of that model when unset) from gold/recommendations."""
         p: DeepFMModelParams = self.params
         warehouse = self._need_warehouse()
@@ -619,7 +623,8 @@ class DeepFMRecommender(TorchRecommender):
                               f"{p.candidates} first (list it before deepfm in models)")
         users, items = tb.read(spark, warehouse, tb.USER_INDEX), tb.read(spark, warehouse, tb.ITEM_INDEX)
         pairs = recs.join(users, tb.USER_ID).join(items, tb.ITEM_ID).filter(F.col(tb.ITEM_IDX) < self.n_items)
-        return pairs.groupBy(tb.USER_IDX).agg(F.collect_list(tb.ITEM_IDX).alias(_CANDIDATES))
+        ranked = F.sort_array(F.collect_list(F.struct(tb.RANK, tb.ITEM_IDX)))  # the candidate model's order
+        return pairs.groupBy(tb.USER_IDX).agg(ranked[tb.ITEM_IDX].alias(_CANDIDATES))
 
     def known_users(self) -> DataFrame:
         if not self.warehouse:
@@ -643,6 +648,7 @@ class DeepFMRecommender(TorchRecommender):
             raise RecsysError(f"deepfm would score all {n_items} items per user (max_catalogue="
                               f"{p.max_catalogue}): re-rank another model's top-N with candidates=<model>")
         with_candidates = bool(p.candidates)
+        rrf_k = p.rrf_k if p.fusion == "rrf" else None
 
         def scores(part: pd.DataFrame) -> np.ndarray:
             import torch
@@ -653,7 +659,8 @@ class DeepFMRecommender(TorchRecommender):
             with torch.no_grad():
                 if not with_candidates:
                     return _deepfm_score_all(module, query, items).float().numpy()  # [U, n_items]
-                return _deepfm_score_candidates(module, query, items, part[_CANDIDATES].to_numpy(), n_items)
+                return _deepfm_score_candidates(module, query, items, part[_CANDIDATES].to_numpy(), n_items,
+                                                rrf_k=rrf_k)
 
         return rec.top_k_from_scores(queries, scores, np.arange(n_items, dtype=np.int32), k, seen, exclude_items,
                                      p.users_per_block)
@@ -685,10 +692,12 @@ def _deepfm_score_all(module, query, items, max_rows: int = DEEPFM_MAX_ROWS):
                       for start in range(0, items.shape[0], block)], dim=1)
 
 
-def _deepfm_score_candidates(module, query, items, candidates, n_items: int,
+def _deepfm_score_candidates(module, query, items, candidates, n_items: int, rrf_k: float | None = None,
                              max_rows: int = DEEPFM_MAX_ROWS) -> np.ndarray:
-    """Scores [U, n_items] that are -inf except at each row's candidates (item_idx lists of any length),
-    which are scored by the network: the shared top-k then picks among the candidates only."""
+    """Scores [U, n_items] that are -inf except at each row's candidates (item_idx lists of any length,
+    the candidate model's best first), scored by the network: the shared top-k then picks among the
+    candidates only. With ``rrf_k``, a candidate's score is ``1/(rrf_k + its DeepFM rank) + 1/(rrf_k +
+    its rank in the list)`` (ranks from 1) instead of the logit."""
     import torch
 
     lists = [np.asarray(c, dtype=np.int64) for c in candidates]
@@ -703,9 +712,16 @@ def _deepfm_score_candidates(module, query, items, candidates, n_items: int,
     block = max(1, max_rows // width)
     parts = [module.score_items(query[s:s + block], items[cand[s:s + block].clamp(min=0)])  # [b, C]
              for s in range(0, len(lists), block)]
-    logits = torch.cat(parts).float().numpy()  # [U, C]
-    rows, cols = np.nonzero(padded >= 0)
-    out[rows, padded[rows, cols]] = logits[rows, cols]
+    scores = torch.cat(parts).float().numpy()  # [U, C]
+    valid = padded >= 0
+    if rrf_k is not None:
+        order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")  # best logit first
+        own_rank = np.empty_like(order)
+        np.put_along_axis(own_rank, order, np.arange(1, width + 1)[None, :].repeat(len(lists), 0), axis=1)
+        list_rank = np.arange(1, width + 1)[None, :]
+        scores = (1.0 / (rrf_k + own_rank) + 1.0 / (rrf_k + list_rank)).astype(np.float32)  # [U, C]
+    rows, cols = np.nonzero(valid)
+    out[rows, padded[rows, cols]] = scores[rows, cols]
     return out
 
 
