@@ -20,10 +20,10 @@ iteration (``recsys_spark.train.session_batches``), ``reset`` True where a row s
 ``inputs`` PAD (-1) on idle rows, whose scores are ignored.
 
 Distribution. :func:`evaluate_sessions` groups ``silver/sessions`` into item lists on Spark and scores
-them on the executors with ``mapInPandas``; the scorer (for GRU4Rec, the model's weights as numpy arrays)
-is broadcast once, and each partition sends back only its metric sums. :func:`next_item_metrics` is the
-same computation in one process (validation, benchmarks). torch is imported only inside the GRU4Rec
-scorer (executors import what they need).
+them on the executors with ``mapInPandas``; the scorer (for GRU4Rec and SASRec, the model's weights as numpy
+arrays) is broadcast once, and each partition sends back only its metric sums. :func:`next_item_metrics`
+is the same computation in one process (validation, benchmarks). torch is imported only inside the
+GRU4Rec and SASRec scorers (executors import what they need).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import require_columns
-from recsys_spark.train.session_batches import SessionData, SessionParallelBatches
+from recsys_spark.train.session_batches import PAD, SessionData, SessionParallelBatches
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +291,10 @@ class ItemKNNScorer:
         return score
 
 
-class GRU4RecScorer:
-    """A trained GRU4Rec as a scorer: its ``init_kwargs`` and weights (numpy, so it pickles and broadcasts
-    without torch on the driver); the module is rebuilt once per process on first use."""
+class _ModuleScorer:
+    """A trained torch module as a scorer: its ``init_kwargs`` and weights (numpy, so it pickles and
+    broadcasts without torch on the driver); the module is rebuilt once per process on first use.
+    Subclasses name the module (``_module_class``, imported lazily) and define ``start``."""
 
     def __init__(self, init_kwargs: dict[str, Any], weights: dict[str, np.ndarray], device: str = "cpu") -> None:
         self.init_kwargs, self.weights, self.device = dict(init_kwargs), weights, device
@@ -301,7 +302,7 @@ class GRU4RecScorer:
         self._model = None
 
     @classmethod
-    def from_model(cls, model, device: str | None = None, live: bool = False) -> GRU4RecScorer:
+    def from_model(cls, model, device: str | None = None, live: bool = False) -> Self:
         """A scorer of ``model``'s weights (copied to numpy), on ``device`` (default: the model's).
         ``live=True`` scores with ``model`` itself, copying nothing (validation in a training loop); such
         a scorer is not for broadcasting."""
@@ -318,16 +319,29 @@ class GRU4RecScorer:
         state["_model"] = None
         return state
 
+    @staticmethod
+    def _module_class():
+        raise NotImplementedError
+
     def model(self):
         if self._model is None:
             import torch
 
-            from recsys_spark.models.gru4rec import GRU4Rec
-
-            model = GRU4Rec(**self.init_kwargs)
+            model = self._module_class()(**self.init_kwargs)
             model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.weights.items()})
             self._model = model.to(self.device).eval()
         return self._model
+
+
+class GRU4RecScorer(_ModuleScorer):
+    """A trained GRU4Rec as a scorer: the hidden state of each row is carried from step to step and
+    reset where a row starts a new session."""
+
+    @staticmethod
+    def _module_class():
+        from recsys_spark.models.gru4rec import GRU4Rec
+
+        return GRU4Rec
 
     def start(self, batch_size: int) -> ScoreFn:
         import torch
@@ -341,5 +355,52 @@ class GRU4RecScorer:
             out, state["hidden"] = model.forward_step(items, state["hidden"],
                                                       torch.from_numpy(np.asarray(reset)).to(self.device))
             return model.scores(out).float().cpu().numpy()  # [B, n_items]
+
+        return score
+
+
+class SASRecScorer(_ModuleScorer):
+    """A trained SASRec as a scorer. Each row keeps the last ``max_len`` items its session has read
+    (cleared where the row starts a new session); a query is scored as ``SASRecRecommender`` and
+    ``SASRecTask`` do: the left-padded sequence (PAD = -1, the most recent item last) through the
+    module, the last position's hidden state dotted with every item embedding. Only the rows that read
+    an item are run (idle rows score 0), over the widest of their histories: leading columns that are
+    padding in every row are dropped, which does not change the output (positions are right-aligned,
+    padding is masked)."""
+
+    @staticmethod
+    def _module_class():
+        from recsys_spark.models.sasrec import SASRec
+
+        return SASRec
+
+    def start(self, batch_size: int) -> ScoreFn:
+        import torch
+
+        model = self.model()
+        max_len = int(model.max_len)
+        state = {"seq": np.full((batch_size, max_len), PAD, dtype=np.int64),  # [B, max_len], left-padded
+                 "length": np.zeros(batch_size, dtype=np.int64)}  # [B] items held per row
+
+        @torch.no_grad()
+        def score(inputs: np.ndarray, reset: np.ndarray) -> np.ndarray:
+            inputs, reset = np.asarray(inputs, dtype=np.int64), np.asarray(reset, dtype=bool)
+            n = len(inputs)
+            if n > len(state["length"]):  # more rows than announced: grow, new rows empty
+                extra = n - len(state["length"])
+                state["seq"] = np.vstack([state["seq"], np.full((extra, max_len), PAD, dtype=np.int64)])
+                state["length"] = np.concatenate([state["length"], np.zeros(extra, dtype=np.int64)])
+            seq, length = state["seq"][:n], state["length"][:n]  # views
+            seq[reset], length[reset] = PAD, 0
+            rows = np.flatnonzero(inputs >= 0)
+            seq[rows, :-1] = seq[rows, 1:]  # shift left, append the new item
+            seq[rows, -1] = inputs[rows]
+            length[rows] = np.minimum(length[rows] + 1, max_len)
+            out = np.zeros((n, self.n_items), dtype=np.float32)
+            if len(rows):
+                width = int(length[rows].max())
+                batch = torch.from_numpy(np.ascontiguousarray(seq[rows, max_len - width:])).to(self.device)
+                out[rows] = model.score_all(batch).float().cpu().numpy()  # [b, n_items]
+            return out
 
         return score

@@ -1,9 +1,11 @@
 """Next-item evaluation: a hand-computed example under both tie rules, resets reaching a stateful scorer,
-the popularity and item-kNN baselines, and the Spark evaluator agreeing with the one-process one."""
+the popularity and item-kNN baselines, the SASRec scorer against the module itself, and the Spark
+evaluator agreeing with the one-process one."""
 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import numpy as np
@@ -15,12 +17,14 @@ from recsys_spark.evaluate_sessions import (
     GRU4RecScorer,
     ItemKNNScorer,
     PopularityScorer,
+    SASRecScorer,
     evaluate_sessions,
     next_item_metrics,
     query_ranks,
     session_item_arrays,
 )
 from recsys_spark.models.gru4rec import GRU4Rec
+from recsys_spark.models.sasrec import SASRec
 
 # Scores of the 4 items given the current input item (row = input).
 TABLE = np.array([
@@ -102,6 +106,48 @@ def test_popularity_and_item_knn_baselines():
     assert next_item_metrics(pop.start(8), pattern, ks=[1], batch_size=8)["recall@1"] == pytest.approx(0.25)
 
 
+def left_padded(prefix, max_len: int) -> torch.Tensor:
+    tail = list(prefix)[-max_len:]
+    return torch.tensor([[tb.PAD_IDX] * (max_len - len(tail)) + tail])  # [1, max_len]
+
+
+@pytest.mark.torch
+def test_sasrec_scorer_matches_the_module_on_the_left_padded_prefix(torch_one_thread):
+    model = SASRec(12, max_len=4, d=8, heads=2, blocks=2, dropout=0.3).eval()
+    # Rebuilt from numpy weights after a pickle round trip (as when broadcast): the same module.
+    scorer = pickle.loads(pickle.dumps(SASRecScorer.from_model(model)))
+    assert scorer.n_items == 12 and scorer.weights
+    sessions = [[3, 7, 1, 0, 11, 5, 2], [4, 4, 9], [6, 2]]  # the first is longer than max_len
+    expected = {}  # (session, position) -> the module's scores after reading items[: position + 1]
+    for n, items in enumerate(sessions):
+        for t in range(len(items) - 1):
+            expected[n, t] = model.score_all(left_padded(items[: t + 1], 4))[0].numpy()
+    # Drive the scorer session-parallel by hand: 2 rows, session 2 takes row 1 after session 1 ends
+    # (reset), row 1 idles (PAD) once session 2 is done while row 0 goes on.
+    score = scorer.start(2)
+    plan = [(0, 0, 1, 0, True), (0, 1, 1, 1, False), (0, 2, 2, 0, True), (0, 3, None, None, False),
+            (0, 4, None, None, False), (0, 5, None, None, False)]
+    for s0, t0, s1, t1, fresh in plan:
+        inputs = np.array([sessions[s0][t0], tb.PAD_IDX if s1 is None else sessions[s1][t1]])
+        reset = np.array([t0 == 0, fresh])
+        got = score(inputs, reset)
+        assert got.shape == (2, 12)
+        np.testing.assert_allclose(got[0], expected[s0, t0], rtol=1e-5, atol=1e-5)
+        if s1 is not None:
+            np.testing.assert_allclose(got[1], expected[s1, t1], rtol=1e-5, atol=1e-5)
+    # A reset clears the history: row 0 (7 items read) and row 1 start afresh.
+    got = score(np.array([9, 2]), np.array([True, True]))
+    np.testing.assert_allclose(got[0], model.score_all(left_padded([9], 4))[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], model.score_all(left_padded([2], 4))[0].numpy(), rtol=1e-5, atol=1e-5)
+    # Without the reset the row would still see its old items.
+    assert not np.allclose(got[0], model.score_all(left_padded([0, 11, 5, 9], 4))[0].numpy(), atol=1e-3)
+    # Through the evaluator: the same ranks as the module on every prefix.
+    ranks = [1 + int((expected[n, t] > expected[n, t][sessions[n][t + 1]]).sum()) for n, t in sorted(expected)]
+    got = next_item_metrics(scorer.start(2), sessions, ks=[20], batch_size=2)
+    assert got["n_queries"] == len(ranks) == 9
+    assert got["mrr@20"] == pytest.approx(np.mean([1 / r for r in ranks]), rel=1e-6)
+
+
 @pytest.mark.spark
 @pytest.mark.torch
 def test_spark_evaluation_matches_the_one_process_evaluation(spark):
@@ -115,6 +161,7 @@ def test_spark_evaluation_matches_the_one_process_evaluation(spark):
         "pop": PopularityScorer.fit(sessions, 10),
         "knn": ItemKNNScorer.fit(sessions, 10, lam=1.0),
         "gru4rec": GRU4RecScorer.from_model(GRU4Rec(10, hidden=8)),
+        "sasrec": SASRecScorer.from_model(SASRec(10, max_len=4, d=8, heads=2, blocks=1).eval()),
     }
     for name, scorer in scorers.items():
         local = next_item_metrics(scorer.start(4), sessions, ks=[1, 5], batch_size=4)
