@@ -37,7 +37,7 @@ target) pairs trained on per second of the epochs' training time.
 
 Usage: ``python scripts/bench_sessions.py [--data ../shared/data] [--models sasrec-ce sasrec-bce]
 [--epochs 5] [--out .bench/sessions.json]``; ``--tune`` (with ``--models`` and optionally ``--grid`` '[{"lr":
-0.01}]') runs the SASRec validation instead. If the editable install does not resolve, prefix ``PYTHONPATH=.``.
+0.01}]') runs the SASRec validation instead.
 """
 
 from __future__ import annotations
