@@ -16,7 +16,8 @@ loss (DESIGN section 4: the loss matters more than the architecture).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -118,6 +119,17 @@ class Holdout:
         return cls(np.asarray(inputs), np.asarray(targets, dtype=np.int64), indptr, items, k)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -195,19 +207,19 @@ class _SamplingTask:
             return negatives.popularity(self.probs(device), shape, g, positives=positives)
         return negatives.uniform(self.n_items, shape, g, positives=positives)
 
+    def holdout_scores(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Scores of the whole catalogue for hold-out inputs [U, ...] -> [U, n_items]: the model's
+        ``score_all`` (users for NCF, sequences for SASRec); DeepFM scores its query blocks itself."""
+        return model.score_all(inputs.long())
+
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """HR/NDCG@k of the hold-out over the whole catalogue; the model's ``score_all`` takes the
-        hold-out's inputs (users for NCF, sequences for SASRec)."""
+        """HR/NDCG@k of the hold-out over the whole catalogue."""
         if self.holdout is None:
             return {}
         inner = unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            return rank_holdout(lambda inputs: inner.score_all(inputs.long()), self.holdout, self.n_items,
+        with evaluating(inner):
+            return rank_holdout(lambda inputs: self.holdout_scores(inner, inputs), self.holdout, self.n_items,
                                 model_device(inner))
-        finally:
-            inner.train(was_training)
 
 
 class NCFTask(_SamplingTask):

@@ -45,7 +45,7 @@ from recsys_spark.models.deepfm import DeepFM
 from recsys_spark.train import losses
 from recsys_spark.train.distributed import unwrap
 from recsys_spark.train.session_batches import SessionData, SessionParallelBatches, Step, sessions_from_padded
-from recsys_spark.train.tasks import Holdout, _SamplingTask, model_device, rank_holdout
+from recsys_spark.train.tasks import Holdout, _SamplingTask, evaluating, model_device
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +180,8 @@ class DeepFMTask(_SamplingTask):
         top = torch.sort(scores, dim=1, descending=True, stable=True)
         return top.indices[:, :k], top.values[:, :k]
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        if self.holdout is None:
-            return {}
-        inner = unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            return rank_holdout(lambda query: self.score_all(inner, query), self.holdout, self.n_items,
-                                model_device(inner))
-        finally:
-            inner.train(was_training)
+    def holdout_scores(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        return self.score_all(model, inputs)  # inputs: the hold-out users' query blocks [U, Fq]
 
 
 # ----------------------------------------------------------------------------------------------- GRU4Rec
@@ -359,14 +350,10 @@ class GRU4RecTask(_SamplingTask):
         from recsys_spark.evaluate_sessions import GRU4RecScorer, next_item_metrics
 
         inner = unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
+        with evaluating(inner):
             scorer = GRU4RecScorer.from_model(inner, live=True)
             values = next_item_metrics(scorer.start(256), self.holdout_sessions, ks=[self.k])
-            return {key: v for key, v in values.items() if "@" in key}
-        finally:
-            inner.train(was_training)
+        return {key: v for key, v in values.items() if "@" in key}
 
 
 def fit_session_parallel(task: GRU4RecTask, sessions: SessionData | Sequence[Sequence[int]], epochs: int | None = None,
