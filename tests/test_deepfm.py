@@ -138,7 +138,7 @@ def test_id_dropout_makes_whole_users_cold_as_serving_does():
     items = np.stack([np.arange(50) + 1, np.ones(50, dtype=int)], axis=1)
     task = DeepFMTask(DeepFMParams(id_dropout=0.3, seed=0), spec, items)
     rows = torch.tensor([7, 4, 2, 9, 1]).repeat(2000, 5, 1)  # [B, 1 + n, F]: id 7, activity 4, group 2
-    out = task._drop_ids(rows)
+    out = task._make_cold(rows)
     cold = out[:, :, 0] == 0  # [B, 1 + n]
     assert (cold == cold[:, :1]).all() and 0.25 < cold[:, 0].float().mean() < 0.35  # whole groups, ~30%
     assert (out[:, :, 1][cold] == 0).all() and (out[:, :, 1][~cold] == 4).all() and (out[:, :, 2] == 2).all()

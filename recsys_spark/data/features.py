@@ -502,7 +502,8 @@ class FeatureSpec:
 
     def positions(self, names: Sequence[str]) -> list[int]:
         """Positions of ``names`` (those present) in ``fields``."""
-        return [i for i, f in enumerate(self.fields) if f in set(names)]
+        wanted = set(names)
+        return [i for i, f in enumerate(self.fields) if f in wanted]
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_fields": list(self.user_fields), "item_fields": list(self.item_fields),

@@ -120,7 +120,7 @@ class DeepFMTask(_SamplingTask):
             self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
         return self._item_tables[device]
 
-    def _drop_ids(self, rows: Tensor) -> Tensor:
+    def _make_cold(self, rows: Tensor) -> Tensor:
         """rows [B, 1 + n, F] with, at rate ``id_dropout``, each group's user made cold (its history
         fields 0 in all 1 + n rows) and each row's item id 0."""
         p = self.params.id_dropout
@@ -145,7 +145,7 @@ class DeepFMTask(_SamplingTask):
         neg_rows = torch.cat([query.unsqueeze(1).expand(B, n, query.shape[1]),
                               self.items_on(fields.device)[neg.items]], dim=-1)  # [B, n, F]
         rows = torch.cat([fields.unsqueeze(1), neg_rows], dim=1)  # [B, 1 + n, F], the positive first
-        logits = model(self._drop_ids(rows).reshape(B * (1 + n), -1)).view(B, 1 + n)  # one forward
+        logits = model(self._make_cold(rows).reshape(B * (1 + n), -1)).view(B, 1 + n)  # one forward
         loss_fn = losses.bpr if self.params.loss == "bpr" else losses.bce_sampled
         return loss_fn(logits[:, 0], logits[:, 1:])
 
