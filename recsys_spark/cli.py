@@ -18,6 +18,7 @@ from typing import Any
 
 from recsys_spark.config import PipelineConfig, load_config
 from recsys_spark.errors import RecsysError
+from recsys_spark.models import registry
 
 log = logging.getLogger("recsys_spark")
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "fit a model on the run's train split; save it; export embeddings to gold")
     p.add_argument("--model", required=True,
-                   help="model name (als, popularity, itemknn, ncf, sasrec, gru4rec, deepfm)")
+                   help=f"model name ({', '.join(registry.MODELS)})")
     p.add_argument("--backend", choices=["horovod", "torch", "local"], help="torch models: how ranks launch")
     p.add_argument("--num-proc", type=int, help="torch models: number of training ranks")
     p.add_argument("--resume", action="store_true", help="torch models: continue from the last checkpoint")
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
 
     p = add("evaluate", "score the run's recommendations on the test split into gold/metrics")
-    p.add_argument("--models", help="comma-separated model names (default: the configured models)")
+    p.add_argument("--models", help="comma-separated model names (default: every model with recommendations "
+                                    "for the run date)")
 
     p = add("report", "one self-contained HTML page (plus PNGs) of a run: metrics, training, data profile")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
@@ -213,19 +215,23 @@ def cmd_similar_items(args, config) -> dict[str, Any]:
 
 def cmd_evaluate(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
-    from recsys_spark.evaluate import format_table, summary_columns
+    from recsys_spark import tables as tb
+    from recsys_spark.evaluate.ranking import format_table, summary_columns
 
     run = _run(args, config)
-    metrics = pipeline.run_evaluate(_spark("evaluate"), config, run, config.models)
+    # --models: exactly those; otherwise every model with recommendations for the run date.
+    models = config.models if args.models else None
+    metrics = pipeline.run_evaluate(_spark("evaluate"), config, run, models, echo=print)
+    models = list(dict.fromkeys(metrics[tb.MODEL]))
     print(f"metrics on the {run.split} split (run {run.run_id}):")
     print(format_table(metrics, summary_columns(metrics) or None))
     rows = len(metrics)
     if config.evaluate.sessions:
-        sessions = pipeline.run_evaluate_sessions(_spark("evaluate"), config, run, config.models)
+        sessions = pipeline.run_evaluate_sessions(_spark("evaluate"), config, run, models)
         print(f"next-item metrics on the sessions after the temporal cut (run {run.run_id}):")
         print(format_table(sessions))
         rows += len(sessions)
-    return {"models": config.models, "rows_out": rows}
+    return {"models": models, "rows_out": rows}
 
 
 def cmd_pipeline(args, config) -> dict[str, Any]:

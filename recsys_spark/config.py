@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recsys_spark.errors import ConfigError
 
@@ -21,7 +21,23 @@ EVENT_TYPES = ("view", "fav", "cart", "purchase", "rating", "remove")
 
 
 class Section(BaseModel):
+    """A block of configuration: unknown keys are errors, values are immutable.
+
+    ``removed_keys`` maps a key the section no longer takes to where its setting went, so an old
+    configuration stops with that pointer instead of a bare "extra inputs are not permitted".
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    removed_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, instead in cls.removed_keys.items():
+                if key in data:
+                    raise ValueError(f"{key!r} is no longer read: {instead}")
+        return data
 
 
 class GenerateConfig(Section):
@@ -77,7 +93,8 @@ class InteractionsConfig(Section):
 
 class RecommendConfig(Section):
     k: int = Field(100, gt=0, description="recommendations per user written to gold/recommendations")
-    users_per_block: int = Field(2048, gt=0)
+    users_per_block: int = Field(2048, gt=0, description="users scored by one matrix product or forward pass "
+                                                         "(lowered so a block's scores stay under 128 MB)")
 
 
 class EvaluateConfig(Section):
@@ -94,7 +111,7 @@ class EvaluateConfig(Section):
 
 
 class FeaturesConfig(Section):
-    """Side files for the user and item features (``recsys-spark features``; DeepFM reads the tables).
+    """Side files for the user and item features (``recsys-spark features``; the feature models read the tables).
 
     ``format``: ``movielens`` reads MovieLens-100K's ``u.user`` / ``u.item``; ``none`` builds the features
     from the events alone (naming a file then is an error).
@@ -162,7 +179,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
-        lines.append(f"{where}: {err['msg']}" + (f" (got {got!r})" if not isinstance(got, dict) else ""))
+        message = err["msg"].removeprefix("Value error, ")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append((f"{where}: " if where else "") + message + got_text)
     return f"invalid configuration in {source}: " + "; ".join(lines)
 
 

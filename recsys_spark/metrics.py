@@ -1,4 +1,5 @@
-"""Ranking metrics, each written once as a per-user function (STYLE point 11).
+"""Ranking metrics, each written once as a per-user function, shared by the Spark evaluator, the session
+protocol and the validation loop.
 
 Every function takes one user's ranked items (best first), the user's relevant items and a cut-off
 ``k``, as plain Python lists or numpy arrays, so that the Spark evaluator (``recsys_spark.evaluate``)

@@ -9,10 +9,10 @@ import datetime as dt
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -20,8 +20,15 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import PipelineConfig
 from recsys_spark.data import events as ev
-from recsys_spark.data import indexing, interactions, sequences, splits
+from recsys_spark.data import features, indexing, interactions, sequences, splits, synthetic
+from recsys_spark.data.sequences import session_item_arrays
 from recsys_spark.errors import RecsysError
+from recsys_spark.evaluate.ranking import evaluate, format_table, summary_columns, with_run_info
+from recsys_spark.evaluate.sessions import BASELINES, N_QUERIES, SessionScorer, evaluate_sessions
+from recsys_spark.models import registry
+from recsys_spark.models.base import Recommender
+from recsys_spark.recommend import recommend_with_fallback, to_original_ids
+from recsys_spark.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
 def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | None = None,
                  side_items: str | None = None) -> dict[str, int]:
     """bronze/events + index tables (+ side files) -> silver/user_features, silver/item_features and
-    silver/feature_vocab (``recsys_spark.data.features``), what DeepFM trains on.
+    silver/feature_vocab (``recsys_spark.data.features``), what the feature models train on.
 
     Features grow only from the events of ``config.split``'s training period (``splits.training_events``):
     the models are scored on what follows it, so later activity must not reach their inputs.
@@ -98,8 +105,6 @@ def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | 
     ``side_users`` / ``side_items`` default to ``features.users_file`` / ``items_file``; with ``features.format``
     ``movielens`` they are MovieLens-100K's ``u.user`` / ``u.item``. Returns the tables' row counts.
     """
-    from recsys_spark.data import features
-
     fc = config.features
     paths = {"users": side_users or fc.users_file, "items": side_items or fc.items_file}
     named = {side: path for side, path in paths.items() if path}
@@ -118,8 +123,6 @@ def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | 
 
 def synthetic_input(spark: SparkSession, config: PipelineConfig) -> str:
     """Generate the demo's event log under the warehouse (deterministic per seed) and return its path."""
-    from recsys_spark.data import synthetic
-
     path = tb.table_path(config.warehouse, "raw/synthetic_events")
     synthetic.write_events(synthetic.generate_events(spark, config.generate), path)
     return path
@@ -148,12 +151,16 @@ class Run:
         return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} = '{model}'"
 
 
-def model_path(config: PipelineConfig, model: str, run: Run) -> str:
-    return tb.table_path(config.warehouse, f"models/{model}/{run.run_date.isoformat()}")
-
-
 def _split(spark: SparkSession, config: PipelineConfig, table: str, split: str) -> DataFrame:
     return tb.read(spark, config.warehouse, table).filter(F.col(tb.SPLIT) == split).drop(tb.SPLIT)
+
+
+def _attach(model: Recommender, config: PipelineConfig, run: Run) -> Recommender:
+    """Give ``model`` what the run knows: where it may work, the warehouse, the run date, the block size."""
+    model.workdir = tb.model_dir(config.warehouse, model.name, run.run_date)  # where it is saved, checkpoints too
+    model.warehouse, model.run_date = config.warehouse, run.run_date
+    model.users_per_block = config.recommend.users_per_block
+    return model
 
 
 def _with_run(df: DataFrame, run: Run, model: str) -> DataFrame:
@@ -165,14 +172,10 @@ def _with_run(df: DataFrame, run: Run, model: str) -> DataFrame:
 
 def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> dict[str, Any]:
     """Fit a model on the run's train split, save it, and export its embeddings to gold."""
-    from recsys_spark.models import registry
-
     train = _split(spark, config, tb.TRAIN, run.split)
-    model = registry.build(model_name, config)
-    model.workdir = model_path(config, model_name, run)  # checkpoints and caches of deep models
-    model.warehouse, model.run_date = config.warehouse, run.run_date  # for models that read other tables
+    model = _attach(registry.build(model_name, config), config, run)
     model.fit(train)
-    model.save(model_path(config, model_name, run))
+    model.save(model.workdir)
     exported = {}
     for table, factors, index, idx_col in [
         (tb.USER_EMBEDDINGS, model.user_factors(), tb.USER_INDEX, tb.USER_IDX),
@@ -184,17 +187,16 @@ def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run:
         rows = _with_run(factors.join(ids, idx_col), run, model_name)
         tb.replace_where(rows, config.warehouse, table, run.where(model_name), GOLD_PARTITIONS)
         exported[table] = rows.count()
-    return {"model": model_name, "path": model_path(config, model_name, run), "embeddings": exported}
+    return {"model": model_name, "path": model.workdir, "embeddings": exported}
 
 
-def _load_model(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run):
-    from recsys_spark.models import registry
-
-    path = model_path(config, model_name, run)
+def _load_model(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> Recommender:
+    registry.entry(model_name)  # an unknown name says so before the path does
+    path = tb.model_dir(config.warehouse, model_name, run.run_date)
     if not os.path.exists(path) and "://" not in path:
         raise RecsysError(f"no trained {model_name} model for run date {run.run_date} at {path}: "
                           f"run `recsys-spark train --model {model_name} --run-date {run.run_date}` first")
-    return registry.load(model_name, spark, path)
+    return _attach(registry.load(model_name, spark, path), config, run)
 
 
 def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
@@ -205,13 +207,9 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     Users the model cannot score get the popularity model's top-k. A re-run for the same run date and
     model replaces exactly its own rows in one commit.
     """
-    from recsys_spark.models.popularity import PopularityRecommender
-    from recsys_spark.recommend import recommend_with_fallback, to_original_ids
-
     k = k or config.recommend.k
     wh = config.warehouse
     model = _load_model(spark, config, model_name, run)
-    model.warehouse, model.run_date = wh, run.run_date
     train = _split(spark, config, tb.TRAIN, run.split)
     seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
     users_index, items_index = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
@@ -225,7 +223,7 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     if exclude_item_ids:
         exclude = [r[0] for r in items_index.filter(F.col(tb.ITEM_ID).isin(exclude_item_ids))
                    .select(tb.ITEM_IDX).collect()]
-    fallback = PopularityRecommender().fit(train)
+    fallback = registry.model_class("popularity")().fit(train)
     recs = recommend_with_fallback(model, users.select(tb.USER_IDX), k, seen, exclude, fallback)
     rows = _with_run(to_original_ids(recs, users_index, items_index), run, model_name).select(
         tb.RUN_ID, tb.MODEL, tb.SPLIT, tb.USER_ID, tb.RANK, tb.ITEM_ID, tb.SCORE, tb.RUN_DATE
@@ -244,9 +242,9 @@ def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: s
     similar = (
         model.similar_items(k)
         .join(items, tb.ITEM_IDX)
-        .join(items.select(F.col(tb.ITEM_IDX).alias("similar_item_idx"),
-                           F.col(tb.ITEM_ID).alias("similar_item_id")), "similar_item_idx")
-        .select(tb.ITEM_ID, "similar_item_id", tb.SCORE, tb.RANK)
+        .join(items.select(F.col(tb.ITEM_IDX).alias(tb.SIMILAR_ITEM_IDX),
+                           F.col(tb.ITEM_ID).alias(tb.SIMILAR_ITEM_ID)), tb.SIMILAR_ITEM_IDX)
+        .select(tb.ITEM_ID, tb.SIMILAR_ITEM_ID, tb.SCORE, tb.RANK)
     )
     tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name),
                      GOLD_PARTITIONS)
@@ -255,17 +253,18 @@ def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: s
 
 
 def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
-                 models: list[str] | None = None) -> pd.DataFrame:
+                 models: list[str] | None = None, echo=log.info) -> pd.DataFrame:
     """Score each model's rows of gold/recommendations for this run date on the run's test split.
 
-    Reads the recommendations back from Delta, so the metrics are those of what consumers see.
-    Returns the metrics (model, metric, k, value) as a small pandas frame; rows go to gold/metrics.
+    ``models``: these, each of which must have recommendations for the run date; None: every model that
+    has some, named through ``echo`` with the configured models it skipped. Reads the recommendations
+    back from Delta, so the metrics are those of what consumers see. Returns the metrics (model, metric,
+    k, value) as a small pandas frame; rows go to gold/metrics.
     """
-    from recsys_spark.evaluate import evaluate, with_run_info
-
     wh = config.warehouse
-    models = models or config.models
     recs_all = tb.read(spark, wh, tb.RECOMMENDATIONS)
+    if models is None:
+        models = _models_with_recommendations(recs_all, config, run, echo)
     train = _split(spark, config, tb.TRAIN, run.split)
     test = _split(spark, config, tb.TEST, run.split)
     users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
@@ -289,8 +288,22 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     return pd.concat(frames, ignore_index=True)
 
 
+def _models_with_recommendations(recs: DataFrame, config: PipelineConfig, run: Run, echo) -> list[str]:
+    """The models with rows of this run date and split in gold/recommendations: configured ones first,
+    in their order; says which configured models it skips."""
+    day = (F.col(tb.RUN_DATE) == F.lit(run.run_date)) & (F.col(tb.SPLIT) == run.split)
+    present = {r[0] for r in recs.filter(day).select(tb.MODEL).distinct().collect()}
+    if not present:
+        raise RecsysError(f"no recommendations for run date {run.run_date} ({run.split} split) in "
+                          f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model <name>` first")
+    models = [m for m in config.models if m in present] + sorted(present - set(config.models))
+    skipped = [m for m in config.models if m not in present]
+    echo(f"evaluating {', '.join(models)}: the models with recommendations for {run.run_date}"
+         + (f" (skipped {', '.join(skipped)}: none for this run date)" if skipped else ""))
+    return models
+
+
 SESSIONS_SPLIT = "sessions"  # the split column of the session protocol's rows in gold/metrics
-SESSION_MODELS = ("gru4rec", "popularity", "itemknn")
 
 
 def session_periods(spark: SparkSession, config: PipelineConfig) -> tuple[DataFrame, DataFrame]:
@@ -311,79 +324,62 @@ def session_periods(spark: SparkSession, config: PipelineConfig) -> tuple[DataFr
     return train, test
 
 
-def _session_scorer(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
-                    train: DataFrame, n_items: int):
-    """A next-item scorer of ``model_name`` fitted on the train sessions (None: not a session model)."""
-    from recsys_spark import evaluate_sessions as es
-
-    if model_name == "popularity":
-        counts = train.groupBy(tb.ITEM_IDX).count().toPandas()
-        item_counts = np.zeros(n_items)
-        item_counts[counts[tb.ITEM_IDX].to_numpy()] = counts["count"].to_numpy()
-        return es.PopularityScorer(item_counts)
-    if model_name == "itemknn":
-        lists = es.session_item_arrays(train, min_length=1).select(tb.ITEMS).collect()
-        log.info("itemknn (sessions): collected %d train sessions to the driver", len(lists))
-        return es.ItemKNNScorer.fit([row[0] for row in lists], n_items)
-    if model_name == "gru4rec":
-        from recsys_spark.models import registry
-
-        model = registry.build(model_name, config)
-        path = f"{model_path(config, model_name, run)}/sessions"
-        model.workdir = path
-        model.fit_sessions(train, n_items)
-        model.save(path)
-        return model.scorer()
-    return None
+def _session_scorers(spark: SparkSession, config: PipelineConfig, run: Run, models: list[str],
+                     train: DataFrame, n_items: int) -> Iterator[tuple[str, SessionScorer]]:
+    """(name, scorer) of the protocol's baselines, fitted on the train sessions, then of every model of
+    ``models`` that has a session form (``fit_session_scorer``; saved under its model directory's
+    ``sessions/``)."""
+    lists = session_item_arrays(train, min_length=1).select(tb.ITEMS).collect()
+    log.info("session baselines: collected %d train sessions to the driver", len(lists))
+    sessions = [row[0] for row in lists]
+    for name, fit in BASELINES.items():
+        yield name, fit(sessions, n_items)
+    for name in models:
+        model = _attach(registry.build(name, config), config, run)
+        model.workdir = f"{tb.model_dir(config.warehouse, name, run.run_date)}/sessions"
+        scorer = model.fit_session_scorer(train, n_items)
+        if scorer is None:
+            log.info("%s has no session form: left out of the session protocol", name)
+            continue
+        model.save(model.workdir)
+        yield name, scorer
 
 
 def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
                           models: list[str] | None = None) -> pd.DataFrame:
-    """The session protocol (``recsys_spark.evaluate_sessions``): next-item recall, MRR and NDCG at
-    ``evaluate.ks`` over the sessions of the temporal test period, for the session models among
-    ``models`` (gru4rec, trained here on the train period's sessions and saved under its model
-    directory's ``sessions/``; the popularity and item-kNN session baselines). Rows go to gold/metrics
-    with split ``sessions`` (plus ``n_queries`` at k = 0); returns them as a small pandas frame.
+    """The session protocol (``recsys_spark.evaluate.sessions``): next-item recall, MRR and NDCG at
+    ``evaluate.ks`` over the sessions of the temporal test period, for the protocol's baselines
+    (``session_pop``, ``session_itemknn``) and every model among ``models`` (default: the configured
+    ones) that has a session form, each trained here on the train period's sessions. Rows go to
+    gold/metrics with split ``sessions`` (plus ``n_queries`` at k = 0); returns them as a small pandas frame.
     """
-    from recsys_spark.evaluate import with_run_info
-    from recsys_spark.evaluate_sessions import N_QUERIES, evaluate_sessions
-
     wh = config.warehouse
-    models = models or config.models
     train, test = session_periods(spark, config)
     train, test = train.persist(), test.persist()
     n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
     frames = []
     try:
-        for model_name in models:
-            scorer = _session_scorer(spark, config, model_name, run, train, n_items)
-            if scorer is None:
-                log.info("%s has no session scorer: left out of the session protocol", model_name)
-                continue
+        for name, scorer in _session_scorers(spark, config, run, models or config.models, train, n_items):
             values = evaluate_sessions(spark, test, scorer, ks=config.evaluate.ks)
             if not values[N_QUERIES]:
                 raise RecsysError("no session of two or more events starts after the temporal cut: "
                                   "the session protocol has nothing to score")
-            rows = [(name, int(k), float(v)) for key, v in values.items() if key != N_QUERIES
-                    for name, k in [key.split("@")]]
+            rows = [(metric, int(k), float(v)) for key, v in values.items() if key != N_QUERIES
+                    for metric, k in [key.split("@")]]
             pdf = pd.DataFrame([*rows, (N_QUERIES, 0, float(values[N_QUERIES]))],
                                columns=[tb.METRIC, tb.K, tb.VALUE])
             frame = spark.createDataFrame(pdf, f"{tb.METRIC} string, {tb.K} int, {tb.VALUE} double")
-            out = with_run_info(frame, run.run_id, run.run_date, model_name, SESSIONS_SPLIT)
-            tb.replace_where(out, wh, tb.METRICS, f"{run.where(model_name)} AND {tb.SPLIT} = '{SESSIONS_SPLIT}'",
+            out = with_run_info(frame, run.run_id, run.run_date, name, SESSIONS_SPLIT)
+            tb.replace_where(out, wh, tb.METRICS, f"{run.where(name)} AND {tb.SPLIT} = '{SESSIONS_SPLIT}'",
                              GOLD_PARTITIONS)
-            frames.append(pdf.assign(model=model_name))
+            frames.append(pdf.assign(model=name))
     finally:
         train.unpersist()
         test.unpersist()
-    if not frames:
-        raise RecsysError(f"none of {models} is a session model ({', '.join(SESSION_MODELS)})")
     return pd.concat(frames, ignore_index=True)
 
 
-def tracker_for(config: PipelineConfig):
-    from recsys_spark.tracking import Tracker
-
+def tracker_for(config: PipelineConfig) -> Tracker:
     t = config.tracking
     return Tracker.for_warehouse(config.warehouse, enabled=t.enabled, uri=t.uri, experiment=t.experiment)
 
@@ -391,7 +387,7 @@ def tracker_for(config: PipelineConfig):
 def model_is_current(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> bool:
     """The resume rule for a model: its saved model is newer than silver/train, and this run's
     recommendations of it were written after the model."""
-    meta = os.path.join(model_path(config, model_name, run), "model.json")
+    meta = os.path.join(tb.model_dir(config.warehouse, model_name, run.run_date), "model.json")
     train_changed = tb.last_commit_time(spark, config.warehouse, tb.TRAIN)
     recs_written = tb.last_commit_time(spark, config.warehouse, tb.RECOMMENDATIONS)
     if "://" in meta or not os.path.exists(meta) or train_changed is None or recs_written is None:
@@ -412,8 +408,6 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
     model is trained and recommended again only when its outputs for the run date are missing or older
     than silver/train. ``force`` reruns every step.
     """
-    from recsys_spark.evaluate import format_table, summary_columns
-
     run = run or Run.of(config)
     tracker = tracker or tracker_for(config)
     params = {"run_date": run.run_date.isoformat(), "split": run.split, "models": ",".join(config.models),
@@ -430,14 +424,15 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
             counts = {name: tb.read(spark, config.warehouse, name).count() for name in (tb.INTERACTIONS, tb.TRAIN)}
         else:
             counts = run_interactions(spark, config)
-        if "deepfm" in config.models:
+        if registry.need_features(config.models):
             counts.update(run_features(spark, config))
         echo(f"tables under {config.warehouse}:")
         for name, n in counts.items():
             echo(f"  {name:<28}{n:>12,} rows")
         tracker.log_metrics({"rows_read": summary.rows_read, "rows_accepted": summary.accepted,
                              **{f"rows.{name}": n for name, n in counts.items()}})
-        for model_name in config.models:
+        models = registry.recommend_order(config.models, config.model_params)  # re-rankers after their input
+        for model_name in models:
             if not force and model_is_current(spark, config, model_name, run):
                 echo(f"{model_name}: model and recommendations for {run.run_date} are up to date, kept")
                 continue
@@ -450,12 +445,12 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
                                      "recommendations": recs["rows_out"]})
             echo(f"{model_name}: trained and wrote {recs['rows_out']:,} recommendations "
                  f"({time.monotonic() - started:.1f} s)")
-        metrics = run_evaluate(spark, config, run)
+        metrics = run_evaluate(spark, config, run, models)
         tracker.log_evaluation(metrics)
         echo(f"\nmetrics on the {run.split} split (run {run.run_id}):")
         echo(format_table(metrics, summary_columns(metrics) or None))
         if config.evaluate.sessions:
-            session_metrics = run_evaluate_sessions(spark, config, run)
+            session_metrics = run_evaluate_sessions(spark, config, run, models)
             echo(f"\nnext-item metrics on the sessions after the temporal cut (run {run.run_id}):")
             echo(format_table(session_metrics))
     return {"inputs": [path], "rows_in": summary.rows_read, "rows_out": counts, "models": config.models}

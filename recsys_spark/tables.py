@@ -1,4 +1,4 @@
-"""The table contract (DESIGN section 2): names, locations, schemas and idempotent Delta writes.
+"""The table contract (README "Tables"): names, locations, schemas and idempotent Delta writes.
 
 Every table lives at ``<warehouse>/<layer>/<name>``. Writes are single Delta commits, so a failed job
 leaves no partial output visible, and each write is keyed so that a re-run for the same inputs leaves
@@ -7,6 +7,7 @@ the table as it was.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 
@@ -14,7 +15,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from recsys_spark.errors import MissingTableError
+from recsys_spark.errors import MissingTableError, RecsysError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,11 @@ SCORE = "score"
 METRIC = "metric"
 K = "k"
 POSITION = "position"
+EMBEDDING = "embedding"  # array<float> in the factor frames and gold/*_embeddings
+SIMILAR_ITEM_IDX = "similar_item_idx"
+SIMILAR_ITEM_ID = "similar_item_id"
 
-# Feature tables (recsys_spark.data.features): the vocabulary's columns, the assembled DeepFM input, and
+# Feature tables (recsys_spark.data.features): the vocabulary's columns, the assembled feature-model input, and
 # the names of the built-in feature fields. Side-file columns keep their own names as field names.
 FIELD = "field"
 VOCAB_INDEX = "index"
@@ -127,10 +131,23 @@ EVENTS_SCHEMA = T.StructType(
 )
 
 
+def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
+    """Stop with one line naming the missing columns of ``df`` (``what`` says which frame it is)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise RecsysError(f"{what} lacks column(s) {missing}; it has {df.columns}")
+
+
 def table_path(warehouse: str, name: str) -> str:
     """Absolute location of a table; local paths are made absolute, URIs (s3a://, abfss://) kept."""
     root = warehouse if "://" in warehouse else os.path.abspath(warehouse)
     return f"{root.rstrip('/')}/{name}"
+
+
+def model_dir(warehouse: str, model: str, run_date: dt.date | str) -> str:
+    """Where the pipeline saves a model trained for a run date: ``<warehouse>/models/<model>/<run_date>``."""
+    day = run_date.isoformat() if isinstance(run_date, dt.date) else str(run_date)
+    return table_path(warehouse, f"models/{model}/{day}")
 
 
 def exists(spark: SparkSession, warehouse: str, name: str) -> bool:

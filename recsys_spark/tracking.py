@@ -25,7 +25,6 @@ False
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_spark.errors import RecsysError
+from recsys_spark.models.base import training_history
 
 log = logging.getLogger(__name__)
 
@@ -291,21 +291,11 @@ class Tracker:
             self.log_metrics({f"{model}.{key}": v for key, v in values.items()}, run_id=self._pipeline[0])
 
     def log_model_dir(self, path: str, artifact_path: str = "model") -> None:
-        """A saved model: its training history (from ``model.json``, if it has one) and its files.
-
-        Deep models keep their per-epoch ``history`` in ``model.json``; other models have none, and only
-        their files are logged.
-        """
+        """A saved model: its training history (``models.base.training_history``: torch models keep one,
+        others have none) and its files."""
         if not self._can_log():
             return
-        meta_path = Path(path.removeprefix("file://")) / "model.json"
-        if "://" not in path.removeprefix("file://") and meta_path.is_file():
-            try:
-                history = json.loads(meta_path.read_text()).get("history") or []
-            except (OSError, ValueError) as exc:
-                log.warning("cannot read %s: %s", meta_path, exc)
-                history = []
-            self.log_history(history)
+        self.log_history(training_history(path))
         self.log_artifacts(path, artifact_path)
 
     def log_artifacts(self, local_dir: str, artifact_path: str = "model",

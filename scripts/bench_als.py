@@ -51,7 +51,7 @@ from pyspark.sql import functions as F  # noqa: E402
 from recsys_spark import tables as tb  # noqa: E402
 from recsys_spark.config import PipelineConfig, load_config, model_config  # noqa: E402
 from recsys_spark.data.splits import LEAVE_LAST_OUT, leave_last_out  # noqa: E402
-from recsys_spark.evaluate import evaluate  # noqa: E402
+from recsys_spark.evaluate.ranking import evaluate  # noqa: E402
 from recsys_spark.models.als import ALSParams, ALSRecommender  # noqa: E402
 from recsys_spark.models.popularity import PopularityRecommender  # noqa: E402
 from recsys_spark.pipeline import run_ingest, run_interactions  # noqa: E402

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from recsys_spark import tables as tb
 from recsys_spark.config import load_config
-from recsys_spark.evaluate import evaluate
+from recsys_spark.evaluate.ranking import evaluate
 from recsys_spark.models import registry
 from recsys_spark.pipeline import run_ingest, run_interactions
 from recsys_spark.session import get_spark

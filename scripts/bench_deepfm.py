@@ -8,7 +8,7 @@ train part and write top-100 lists to gold/recommendations, the popularity fallb
 
 Warm users (the split's test users): NDCG@10 / HR@10 / Recall@20 of popularity, ALS, DeepFM over the
 whole catalogue, and DeepFM re-ranking ALS's top ``--candidates`` (the two-stage set-up of
-``DeepFMModelParams.candidates``). Cold users: every item they rated is relevant; DeepFM (their side
+``DeepFMParams.candidates``). Cold users: every item they rated is relevant; DeepFM (their side
 features, id unknown) against popularity (what every other model falls back to). One evaluator
 (``recsys_spark.evaluate``), train items filtered, the same split for every row.
 
@@ -30,9 +30,9 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import load_config
-from recsys_spark.evaluate import evaluate
+from recsys_spark.evaluate.ranking import evaluate
 from recsys_spark.models import registry
-from recsys_spark.pipeline import Run, model_path, run_features, run_ingest, run_interactions, run_recommend, run_train
+from recsys_spark.pipeline import Run, run_features, run_ingest, run_interactions, run_recommend, run_train
 from recsys_spark.session import get_spark
 
 KS = [10, 20]
@@ -107,7 +107,7 @@ def main() -> None:
 
     warm = {name: metrics(gold_recs(name), test, train, n_items) for name in config.models}
     # The same trained DeepFM, now ranking only ALS's top candidates (read back from gold).
-    deepfm = registry.load("deepfm", spark, model_path(config, "deepfm", run))
+    deepfm = registry.load("deepfm", spark, tb.model_dir(config.warehouse, "deepfm", run.run_date))
     deepfm.warehouse, deepfm.run_date = wh, run.run_date
     params = deepfm.params
     for fusion in ("none", "rrf"):

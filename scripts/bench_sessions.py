@@ -7,7 +7,7 @@ day), TSV with a header ``SessionId ItemId Time``. Standard GRU4Rec preprocessin
 on items absent from train are dropped, then sessions left with fewer than two clicks. Sessions are
 ordered by their first click; items by their index in train.
 
-Protocol (``recsys_spark.evaluate_sessions``): every click after the first of a test session is a query
+Protocol (``recsys_spark.evaluate.sessions``): every click after the first of a test session is a query
 ranked against the whole catalogue; Recall@20 and MRR@20; rank = 1 + #items scoring strictly higher
 (the official code's rule; the baselines break their own ties by popularity).
 
@@ -56,20 +56,20 @@ import pandas as pd
 import torch
 
 from recsys_spark import tables as tb
-from recsys_spark.evaluate_sessions import (
+from recsys_spark.data.session_batches import PAD, SessionData, sessions_from_events
+from recsys_spark.evaluate.sessions import ItemKNNScorer, PopularityScorer, next_item_metrics
+from recsys_spark.models.gru4rec import (
+    GRU4RecNetParams,
     GRU4RecScorer,
-    ItemKNNScorer,
-    PopularityScorer,
-    SASRecScorer,
-    next_item_metrics,
+    GRU4RecTask,
+    PaperSchedule,
+    fit_session_parallel,
 )
-from recsys_spark.models.gru4rec import GRU4Rec
-from recsys_spark.models.sasrec import SASRec
+from recsys_spark.models.sasrec import SASRecNetParams, SASRecScorer, SASRecTask
+from recsys_spark.nn.gru4rec import GRU4Rec
+from recsys_spark.nn.sasrec import SASRec
 from recsys_spark.train.distributed import LocalContext
 from recsys_spark.train.loaders import steps_per_epoch
-from recsys_spark.train.session_batches import PAD, SessionData, sessions_from_events
-from recsys_spark.train.tasks import SASRecParams, SASRecTask
-from recsys_spark.train.tasks_extra import GRU4RecParams, GRU4RecTask, fit_session_parallel
 from recsys_spark.train.trainer import TrainConfig, fit
 
 log = logging.getLogger("bench_sessions")
@@ -93,7 +93,21 @@ GRU4REC = {
 }
 
 
-# SASRec through the trainer: the module's settings (SASRecParams) and the optimiser's (TrainConfig),
+# The trainer path's sessions per batch: 64 with Adam at lr 0.005 matched the paper's schedule on a
+# Yoochoose validation split (conf/models/gru4rec.yaml's train.batch_size).
+TRAINER_SESSIONS = 64
+
+
+def net_params(settings: dict) -> dict:
+    """The network's share of a GRU4REC entry (the rest is the paper's optimiser: PaperSchedule)."""
+    return {k: v for k, v in settings.items() if k not in PaperSchedule.model_fields}
+
+
+def schedule_params(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k in PaperSchedule.model_fields}
+
+
+# SASRec through the trainer: the module's settings (SASRecNetParams) and the optimiser's (TrainConfig),
 # chosen on the validation split (``--tune``; see the module docstring).
 SASREC = {
     "ce": dict(net=dict(loss="ce", max_len=20, d=64, heads=1, blocks=2, dropout=0.5),
@@ -139,21 +153,21 @@ def load(data_dir: Path) -> dict:
 def train_through_trainer(train: list[np.ndarray], n_items: int, epochs: int, seed: int,
                           device: str) -> tuple[GRU4Rec, float, float]:
     """GRU4Rec (BPR-max) through ``trainer.fit``: returns the model, seconds and training events/s."""
-    params = GRU4RecParams(**GRU4REC["bpr-max"], seed=seed)
+    params = GRU4RecNetParams(**net_params(GRU4REC["bpr-max"]), seed=seed)
     sessions = [s[-params.max_length:] for s in train if len(s) >= 2]
     padded = np.full((len(sessions), params.max_length), PAD, dtype=np.int64)
     for row, s in enumerate(sessions):
         padded[row, : len(s)] = s
     task = GRU4RecTask(params, n_items, item_counts=np.bincount(np.concatenate(train), minlength=n_items))
-    steps = steps_per_epoch(len(padded), params.batch_sessions, 1)
-    config = TrainConfig(epochs=epochs, batch_size=params.batch_sessions, lr=0.005, optimizer="adam",
+    steps = steps_per_epoch(len(padded), TRAINER_SESSIONS, 1)
+    config = TrainConfig(epochs=epochs, batch_size=TRAINER_SESSIONS, lr=0.005, optimizer="adam",
                          schedule="cosine", progress=False, seed=seed)
     started = time.perf_counter()
     result = fit(task, LocalContext(), {tb.ITEMS: torch.from_numpy(padded)}, steps, config)
     seconds = time.perf_counter() - started
-    model = GRU4Rec(**result.model_args)
+    model = GRU4Rec(**result.init_kwargs)
     model.load_state_dict(result.state_dict)
-    events = epochs * steps * params.batch_sessions * SessionData.from_lists(sessions).n_events / len(sessions)
+    events = epochs * steps * TRAINER_SESSIONS * SessionData.from_lists(sessions).n_events / len(sessions)
     return model.to(device), seconds, events / seconds
 
 
@@ -170,7 +184,7 @@ def validation_split(train: list[np.ndarray], n: int) -> tuple[list[np.ndarray],
 class SessionValidatedSASRec(SASRecTask):
     """``SASRecTask`` whose ``validate`` is the next-item protocol (Recall/MRR@20) on held-out sessions."""
 
-    def __init__(self, params: SASRecParams, n_items: int, item_counts: np.ndarray,
+    def __init__(self, params: SASRecNetParams, n_items: int, item_counts: np.ndarray,
                  sessions: list[np.ndarray] | None = None) -> None:
         super().__init__(params, n_items, item_counts)
         self.sessions = sessions
@@ -195,12 +209,12 @@ def sasrec_rows(sessions: list[np.ndarray], max_len: int) -> np.ndarray:
 def train_sasrec(train: list[np.ndarray], n_items: int, loss: str, seed: int, device: str,
                  validation: list[np.ndarray] | None = None, **overrides) -> tuple[SASRec, dict]:
     """SASRec with ``loss`` through ``trainer.fit`` (local context): ``SASREC[loss]``'s settings, with
-    ``overrides`` (SASRecParams or TrainConfig fields). Returns the model and a summary: seconds (the
+    ``overrides`` (SASRecNetParams or TrainConfig fields). Returns the model and a summary: seconds (the
     whole fit), training events/s (real (input, target) pairs over the epochs' training seconds), the
     per-epoch history (validation metrics when ``validation`` is given) and the settings."""
-    net = {**SASREC[loss]["net"], **{k: v for k, v in overrides.items() if k in SASRecParams.model_fields}}
+    net = {**SASREC[loss]["net"], **{k: v for k, v in overrides.items() if k in SASRecNetParams.model_fields}}
     opt = {**SASREC[loss]["train"], **{k: v for k, v in overrides.items() if k in TrainConfig.model_fields}}
-    params = SASRecParams(**net, seed=seed)
+    params = SASRecNetParams(**net, seed=seed)
     rows = sasrec_rows(train, params.max_len)
     counts = np.bincount(np.concatenate(train), minlength=n_items)
     task = SessionValidatedSASRec(params, n_items, counts, validation)
@@ -309,17 +323,19 @@ def main() -> None:
     for loss in GRU4REC:
         if f"gru4rec-{loss}" not in selected:
             continue
-        params = GRU4RecParams(**GRU4REC[loss], epochs=args.epochs, seed=args.seed)
+        params = GRU4RecNetParams(**net_params(GRU4REC[loss]), seed=args.seed)
+        schedule = PaperSchedule(**schedule_params(GRU4REC[loss]), epochs=args.epochs)
         torch.manual_seed(args.seed)
         task = GRU4RecTask(params, n_items, item_counts=counts)
         started = time.perf_counter()
-        model, history = fit_session_parallel(task, train, device=args.device)
+        model, history = fit_session_parallel(task, train, schedule, device=args.device)
         train_s = time.perf_counter() - started
         values, eval_s = evaluate(GRU4RecScorer.from_model(model.eval()), test)
         events = sum(h["events_per_s"] * h["seconds"] for h in history)
         rows.append({"model": f"gru4rec-{loss}", **values, "train_s": train_s, "eval_s": eval_s,
                      "train_events_per_s": events / sum(h["seconds"] for h in history),
-                     "epoch_loss": [h["loss"] for h in history], "params": params.model_dump()})
+                     "epoch_loss": [h["loss"] for h in history],
+                     "params": {**params.model_dump(), **schedule.model_dump()}})
         log.info("gru4rec-%s: %s", loss, {k: v for k, v in rows[-1].items() if k != "params"})
 
     if "gru4rec-bpr-max/trainer" in selected:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,3 +51,31 @@ def torch_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(before)
+
+
+# A small synthetic warehouse: 2,500 generated events through ingest, interactions and features.
+WORLD_RUN_DATE = dt.date(2026, 1, 2)
+WORLD_SETTINGS = ["generate.events=2500", "generate.seed=7", "generate.days=20", "recommend.k=10",
+                  "evaluate.ks=[10,20]"]
+
+
+@pytest.fixture(scope="session")
+def world(spark, tmp_path_factory):
+    """A synthetic warehouse up to the feature tables, built once for the session by the pipeline's own
+    steps, with popularity's recommendations in gold for WORLD_RUN_DATE; ``train`` is the run's split."""
+    from pyspark.sql import functions as F
+
+    from recsys_spark import pipeline
+    from recsys_spark import tables as tb
+    from recsys_spark.config import load_config
+
+    warehouse = str(tmp_path_factory.mktemp("world") / "warehouse")
+    config = load_config(overrides=[f"warehouse={warehouse}", *WORLD_SETTINGS])
+    run = pipeline.Run.of(config, WORLD_RUN_DATE)
+    pipeline.run_ingest(spark, config, pipeline.synthetic_input(spark, config), "canonical")
+    pipeline.run_interactions(spark, config)
+    pipeline.run_features(spark, config)
+    pipeline.run_train(spark, config, "popularity", run)
+    pipeline.run_recommend(spark, config, "popularity", run)
+    train = tb.read(spark, warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == run.split).drop(tb.SPLIT).persist()
+    return SimpleNamespace(config=config, run=run, warehouse=warehouse, train=train)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import WORLD_SETTINGS
 from pyspark.sql import functions as F
 
 from recsys_spark import pipeline
@@ -20,14 +20,13 @@ from recsys_spark.cli import main
 from recsys_spark.config import load_config
 from recsys_spark.errors import RecsysError
 from recsys_spark.models import registry
-from recsys_spark.models.deep import DeepFMModelParams, DeepFMRecommender, GRU4RecModelParams, GRU4RecRecommender
-from recsys_spark.train.tasks_extra import DeepFMParams, GRU4RecParams
+from recsys_spark.models.deepfm import DeepFMNetParams, DeepFMParams, DeepFMRecommender
+from recsys_spark.models.gru4rec import GRU4RecNetParams, GRU4RecParams, GRU4RecRecommender
 from recsys_spark.train.trainer import TrainConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.torch]
 
-RUN_DATE = dt.date(2026, 1, 2)
-SMALL = ["generate.events=2500", "generate.seed=7", "generate.days=20", "recommend.k=10", "evaluate.ks=[10,20]"]
+SMALL = WORLD_SETTINGS
 K = 5
 
 
@@ -36,16 +35,16 @@ def _train_config(metric: str) -> TrainConfig:
                        early_stopping_metric=metric, patience=3, progress=False, seed=0)
 
 
-def gru4rec_params(**overrides) -> GRU4RecModelParams:
-    net = GRU4RecParams(hidden=16, parallel=8, n_sample=16, max_length=20, dropout_hidden=0.0, seed=0)
-    return GRU4RecModelParams(backend="local", num_proc=1, validation_users=5, users_per_block=16, net=net,
-                              train=_train_config("recall@20"), **overrides)
+def gru4rec_params(**overrides) -> GRU4RecParams:
+    net = GRU4RecNetParams(hidden=16, parallel=8, n_sample=16, max_length=20, dropout_hidden=0.0, seed=0)
+    return GRU4RecParams(backend="local", num_proc=1, validation_users=5, net=net, train=_train_config("recall@20"),
+                         **overrides)
 
 
-def deepfm_params(**overrides) -> DeepFMModelParams:
-    net = DeepFMParams(dim=4, hidden=[16], dropout=0.0, id_dropout=0.2, seed=0)
-    return DeepFMModelParams(backend="local", num_proc=1, validation_users=5, users_per_block=16, net=net,
-                             train=_train_config("ndcg@10"), **overrides)
+def deepfm_params(**overrides) -> DeepFMParams:
+    net = DeepFMNetParams(dim=4, hidden=[16], dropout=0.0, id_dropout=0.2, seed=0)
+    return DeepFMParams(backend="local", num_proc=1, validation_users=5, net=net, train=_train_config("ndcg@10"),
+                        **overrides)
 
 
 @pytest.fixture(autouse=True)
@@ -54,21 +53,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world(spark, tmp_path_factory):
-    """A synthetic warehouse up to the feature tables, with popularity's recommendations in gold."""
-    warehouse = str(tmp_path_factory.mktemp("deep") / "warehouse")
-    config = load_config(overrides=[f"warehouse={warehouse}", *SMALL])
-    run = pipeline.Run.of(config, RUN_DATE)
-    pipeline.run_ingest(spark, config, pipeline.synthetic_input(spark, config), "canonical")
-    pipeline.run_interactions(spark, config)
-    pipeline.run_features(spark, config)
-    pipeline.run_train(spark, config, "popularity", run)
-    pipeline.run_recommend(spark, config, "popularity", run)
-    train = tb.read(spark, warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == run.split).drop(tb.SPLIT).persist()
-    return SimpleNamespace(config=config, run=run, warehouse=warehouse, train=train)
 
 
 def _recs(model, users, seen, k=K) -> pd.DataFrame:
@@ -94,7 +78,7 @@ def _pairs(frame) -> set:
 
 def test_gru4rec_fit_recommend_save_load(spark, world, tmp_path):
     model = GRU4RecRecommender(gru4rec_params())
-    model.workdir = str(tmp_path / "work")
+    model.workdir, model.users_per_block = str(tmp_path / "work"), 16
     model.fit(world.train)
     assert len(model.history) == 2 and "recall@20" in model.history[-1]
     users = world.train.select(tb.USER_IDX).distinct()
@@ -128,7 +112,7 @@ def deepfm(world, tmp_path_factory):
     cold = world.train.groupBy(tb.USER_IDX).count().orderBy(F.desc("count"), tb.USER_IDX).first()[0]
     model = DeepFMRecommender(deepfm_params())
     model.warehouse, model.run_date = world.warehouse, world.run.run_date
-    model.workdir = str(tmp_path_factory.mktemp("deepfm"))
+    model.workdir, model.users_per_block = str(tmp_path_factory.mktemp("deepfm")), 16
     model.fit(world.train.filter(F.col(tb.USER_IDX) != cold))
     return model, cold
 
@@ -218,14 +202,15 @@ def test_pipeline_with_gru4rec_and_the_session_protocol(spark, world):
         return tb.read(spark, world.warehouse, tb.METRICS).toPandas()
 
     rows = metrics()
-    for split in (run.split, pipeline.SESSIONS_SPLIT):
-        part = rows[rows[tb.SPLIT] == split]
-        assert set(part[tb.MODEL]) == {"popularity", "gru4rec"}, split
+    assert set(rows[rows[tb.SPLIT] == run.split][tb.MODEL]) == {"popularity", "gru4rec"}
+    # The session protocol: its own baselines, under their own names, and the session model.
+    session_models = {"session_pop", "session_itemknn", "gru4rec"}
+    assert set(rows[rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT][tb.MODEL]) == session_models
     sessions = rows[rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT].set_index([tb.MODEL, tb.METRIC, tb.K])[tb.VALUE]
-    for model in ("popularity", "gru4rec"):
+    for model in session_models:
         assert 0 <= sessions[(model, "mrr", 20)] <= sessions[(model, "recall", 20)] <= 1
-    assert sessions[("popularity", "n_queries", 0)] == sessions[("gru4rec", "n_queries", 0)] > 0
-    model_dir = Path(pipeline.model_path(config, "gru4rec", run))
+        assert sessions[(model, "n_queries", 0)] == sessions[("gru4rec", "n_queries", 0)] > 0
+    model_dir = Path(tb.model_dir(world.warehouse, "gru4rec", run.run_date))
     assert json.loads((model_dir / "sessions" / "model.json").read_text())["level"] == "sessions"
 
     # Re-scoring the user-level protocol replaces its own rows and leaves the session rows alone.
@@ -233,6 +218,22 @@ def test_pipeline_with_gru4rec_and_the_session_protocol(spark, world):
     again = metrics()
     assert len(again) == len(rows)
     assert (again[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum() == (rows[tb.SPLIT] == pipeline.SESSIONS_SPLIT).sum()
+
+
+def test_a_bare_evaluate_scores_the_models_that_recommended(world, capsys):
+    """The world has popularity's recommendations for its run date; the configured itemknn and als have none:
+    a plain `recsys-spark evaluate` scores what is there and names what it skipped."""
+    args = ["evaluate", "--warehouse", world.warehouse, "--run-date", world.run.run_date.isoformat(),
+            *[x for o in SMALL for x in ("--set", o)]]
+    code = main(args)
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "evaluating popularity" in out.out and "(skipped itemknn, als: none for this run date)" in out.out
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert "popularity" in summary["models"] and not {"itemknn", "als"} & set(summary["models"])
+    # Naming a model is still a promise that it has recommendations.
+    assert main([*args, "--models", "als"]) == 2
+    assert "no recommendations of als" in capsys.readouterr().err
 
 
 def test_pipeline_trains_all_five_models_into_delta(spark, tmp_path, capsys):

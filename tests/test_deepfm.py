@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from recsys_spark import tables as tb
-from recsys_spark.data.features import FeatureSpec
-from recsys_spark.models.deepfm import DeepFM
+from recsys_spark.data.feature_spec import FeatureSpec
+from recsys_spark.models.deepfm import DeepFMNetParams, DeepFMTask, score_candidates, score_catalogue
+from recsys_spark.nn.deepfm import DeepFM
+from recsys_spark.scoring import top_k_of_scores
 from recsys_spark.train.distributed import LocalContext
-from recsys_spark.train.tasks import Holdout
-from recsys_spark.train.tasks_extra import DeepFMParams, DeepFMTask
+from recsys_spark.train.task import Holdout
 from recsys_spark.train.trainer import TrainConfig, fit
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
@@ -98,15 +99,15 @@ def _positives(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _task(**overrides) -> DeepFMTask:
-    params = DeepFMParams(**{"dim": 8, "hidden": [16], "dropout": 0.0, "n_negatives": 4, "id_dropout": 0.2,
-                             "lr": 0.01, "seed": 0, **overrides})
+    params = DeepFMNetParams(**{"dim": 8, "hidden": [16], "dropout": 0.0, "n_negatives": 4, "id_dropout": 0.2,
+                             "seed": 0, **overrides})
     return DeepFMTask(params, _spec(), _item_fields())
 
 
-def _train(task: DeepFMTask, steps: int, batch: int = 64) -> tuple[torch.nn.Module, list[float]]:
+def _train(task: DeepFMTask, steps: int, batch: int = 64, lr: float = 0.01) -> tuple[torch.nn.Module, list[float]]:
     data = _positives()
     model = task.build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=task.params.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     history = []
     n = len(data[tb.ITEM_IDX])
@@ -136,7 +137,7 @@ def test_id_dropout_makes_whole_users_cold_as_serving_does():
     spec = FeatureSpec((tb.USER_IDX, activity, GROUP), (tb.ITEM_IDX, GENRE), (), cards)
     assert spec.history_fields == (tb.USER_IDX, activity)
     items = np.stack([np.arange(50) + 1, np.ones(50, dtype=int)], axis=1)
-    task = DeepFMTask(DeepFMParams(id_dropout=0.3, seed=0), spec, items)
+    task = DeepFMTask(DeepFMNetParams(id_dropout=0.3, seed=0), spec, items)
     rows = torch.tensor([7, 4, 2, 9, 1]).repeat(2000, 5, 1)  # [B, 1 + n, F]: id 7, activity 4, group 2
     out = task._make_cold(rows)
     cold = out[:, :, 0] == 0  # [B, 1 + n]
@@ -150,17 +151,30 @@ def test_id_dropout_makes_whole_users_cold_as_serving_does():
 def test_cold_user_recommendations_follow_the_feature_group():
     task = _task()
     model, _ = _train(task, steps=300)
+    model.eval()
+    table = torch.as_tensor(task.item_fields)
+
+    def top(query: torch.Tensor, k: int, seen=None) -> list[list[int]]:
+        """The serving path: the network over the whole catalogue, then the shared top-k."""
+        with torch.no_grad():
+            scores = score_catalogue(model, query, table).float().numpy()  # [U, ITEMS]
+        recs = top_k_of_scores(np.arange(len(query)), scores, seen, np.arange(ITEMS), k)
+        return [recs[recs[tb.USER_IDX] == row][tb.ITEM_IDX].tolist() for row in range(len(query))]
+
     cold = torch.tensor([[0, 1], [0, 2]])  # unknown user id (0), group 1 / group 2
-    items, _ = task.recommend(model, cold, k=10)
-    assert set(items[0].tolist()) == set(range(10))  # group 1's taste: genre 1
-    assert set(items[1].tolist()) == set(range(10, 20))  # group 2's taste: genre 2
+    first, second = top(cold, 10)
+    assert set(first) == set(range(10))  # group 1's taste: genre 1
+    assert set(second) == set(range(10, 20))  # group 2's taste: genre 2
     # Re-ranking candidates gives the same scores as full scoring; a warm user's seen items can be excluded.
-    candidates = torch.tensor([[3, 15, 7], [3, 15, 7]])
-    full = task.score_all(model, cold)
-    assert torch.allclose(task.score_candidates(model, cold, candidates), full.gather(1, candidates), atol=1e-5)
+    candidates = [3, 15, 7]
+    with torch.no_grad():
+        full = score_catalogue(model, cold, table).float().numpy()
+        reranked = score_candidates(model, cold, table, [candidates, candidates], n_items=ITEMS)
+    assert np.allclose(reranked[:, candidates], full[:, candidates], atol=1e-5)
+    assert np.isneginf(reranked).sum() == 2 * (ITEMS - len(candidates))  # only the candidates are scored
     warm = torch.tensor([[21, 2]])  # user 20, group 2
-    top, _ = task.recommend(model, warm, k=5, exclude=[[10, 11, 12]])
-    assert not set(top[0].tolist()) & {10, 11, 12} and set(top[0].tolist()) <= set(range(10, 20))
+    (best,) = top(warm, 5, seen=[np.array([10, 11, 12])])
+    assert not set(best) & {10, 11, 12} and set(best) <= set(range(10, 20))
 
 
 def test_deepfm_task_through_the_trainer_with_validation():
@@ -172,7 +186,7 @@ def test_deepfm_task_through_the_trainer_with_validation():
                for u, s in zip(range(USERS), seen, strict=True)]
     queries = np.stack([users.numpy() + 1, np.where(users.numpy() < USERS // 2, 1, 2)], axis=1)
     holdout = Holdout.from_lists(queries, np.array(targets), seen, k=5)
-    task = DeepFMTask(DeepFMParams(dim=8, hidden=[16], dropout=0.0, seed=0), _spec(), _item_fields(),
+    task = DeepFMTask(DeepFMNetParams(dim=8, hidden=[16], dropout=0.0, seed=0), _spec(), _item_fields(),
                       item_counts=np.bincount(data[tb.ITEM_IDX].numpy(), minlength=ITEMS), holdout=holdout)
     task = pickle.loads(pickle.dumps(task))  # what the launcher does to ship it to a rank
     config = TrainConfig(epochs=10, batch_size=48, lr=0.03, progress=False, seed=0)
@@ -180,15 +194,13 @@ def test_deepfm_task_through_the_trainer_with_validation():
     history = result.history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["hr@5"] >= 0.9  # 4 unseen items of the right half, 14 candidates: chance is 5/14
-    model = DeepFM(**result.model_args)
+    model = DeepFM(**result.init_kwargs)
     model.load_state_dict(result.state_dict)
-    assert result.model_args == task.model_args
+    assert result.init_kwargs == task.build_model().init_kwargs
 
 
 def test_candidate_scores_and_reciprocal_rank_fusion():
     """Re-ranking scores only each row's candidates; rrf sums 1/(k + rank) of DeepFM's and the list's order."""
-    from recsys_spark.models.deep import _deepfm_score_candidates
-
     class ItemValue(torch.nn.Module):  # logit = the item's one field: the network's order is known
         def score_items(self, query, items):
             return items[..., 0].float() + 0 * query[:, :1].float()
@@ -196,9 +208,9 @@ def test_candidate_scores_and_reciprocal_rank_fusion():
     items = torch.tensor([[10], [5], [1], [3], [7]])  # item i's logit
     query = torch.zeros(2, 1, dtype=torch.long)
     candidates = [[3, 1, 2, 0], [4]]  # the candidate model's order, best first; row 2 has one candidate
-    plain = _deepfm_score_candidates(ItemValue(), query, items, candidates, n_items=5)
+    plain = score_candidates(ItemValue(), query, items, candidates, n_items=5)
     assert plain[0].tolist() == [10, 5, 1, 3, -np.inf] and plain[1].tolist() == [-np.inf] * 4 + [7]
-    fused = _deepfm_score_candidates(ItemValue(), query, items, candidates, n_items=5, rrf_k=1.0)
+    fused = score_candidates(ItemValue(), query, items, candidates, n_items=5, rrf_k=1.0)
     own = {0: 1, 1: 2, 3: 3, 2: 4}  # DeepFM's ranks among row 0's candidates
     listed = {3: 1, 1: 2, 2: 3, 0: 4}
     expected = [1 / (1 + own[i]) + 1 / (1 + listed[i]) for i in range(4)]

@@ -16,12 +16,12 @@ from pyspark import cloudpickle as spark_cloudpickle
 from pyspark.sql import types as T
 
 from recsys_spark import tables as tb
+from recsys_spark.data.session_batches import PAD
 from recsys_spark.errors import RecsysError
+from recsys_spark.models.gru4rec import GRU4RecNetParams, GRU4RecTask
 from recsys_spark.train import checkpoint as ckpt
 from recsys_spark.train import loaders
 from recsys_spark.train.distributed import DistContext, host_cores, launch
-from recsys_spark.train.session_batches import PAD
-from recsys_spark.train.tasks_extra import GRU4RecParams, GRU4RecTask
 from recsys_spark.train.trainer import TrainConfig, fit
 
 pytestmark = [pytest.mark.spark, pytest.mark.horovod]
@@ -183,7 +183,7 @@ def test_gru4rec_trains_with_torch_distributor_and_ranks_stay_identical(spark, t
     conv = loaders.materialize(spark, spark.createDataFrame([(row,) for row in padded], schema),
                                str(tmp_path / "petastorm"), ranks=2)
     counts = np.bincount(np.concatenate(sessions), minlength=N_ITEMS)
-    params = GRU4RecParams(hidden=16, parallel=8, n_sample=6, dropout_hidden=0.0, loss="bpr-max", bpreg=0.5,
+    params = GRU4RecNetParams(hidden=16, parallel=8, n_sample=6, dropout_hidden=0.0, loss="bpr-max", bpreg=0.5,
                            elu_param=0.5, seed=0)
     task = KeepsModel(params, N_ITEMS, item_counts=counts)
     config = TrainConfig(epochs=4, batch_size=16, lr=0.01, optimizer="adam", schedule="constant", progress=False)

@@ -12,7 +12,7 @@ import pytest
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.errors import RecsysError
-from recsys_spark.evaluate import COVERAGE, MEAN_POPULARITY, N_USERS, evaluate, format_table, with_run_info
+from recsys_spark.evaluate.ranking import COVERAGE, MEAN_POPULARITY, N_USERS, evaluate, format_table, with_run_info
 
 RECS_DDL = f"{tb.USER_IDX} int, {tb.ITEM_IDX} int, {tb.SCORE} double, {tb.RANK} int"
 PAIRS_DDL = f"{tb.USER_IDX} int, {tb.ITEM_IDX} int"

@@ -10,6 +10,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
+from recsys_spark.data import feature_spec as fs
 from recsys_spark.data import features as ft
 from recsys_spark.data import indexing, splits
 
@@ -164,19 +165,19 @@ def test_features_grow_only_from_the_training_period(spark, warehouse):
     assert kept.count() == 4 and kept.agg(F.max(tb.EVENT_TIME)).first()[0] == at(2)
 
 
-def test_deepfm_frame_spec_and_item_matrix(spark, built):
+def test_field_frame_spec_and_item_matrix(spark, built):
     warehouse, _ = built
-    spec = ft.load_feature_spec(spark, warehouse)
+    spec = fs.load_feature_spec(spark, warehouse)
     assert spec.user_fields[0] == tb.USER_IDX and spec.item_fields[0] == tb.ITEM_IDX
     n_users = tb.read(spark, warehouse, tb.USER_INDEX).count()  # u1, u2, side-only u3 (and u4 if built)
     assert spec.cardinalities[tb.USER_IDX] == n_users + 1 and spec.cardinalities[tb.ITEM_IDX] == 3  # + unknown
     assert tb.OCCUPATION in spec.user_fields and spec.n_query == len(spec.user_fields)
-    assert ft.FeatureSpec.from_dict(spec.to_dict()) == spec
+    assert fs.FeatureSpec.from_dict(spec.to_dict()) == spec
     users, items = tb.read(spark, warehouse, tb.USER_FEATURES), tb.read(spark, warehouse, tb.ITEM_FEATURES)
     pairs = spark.createDataFrame([(0, 1), (1, 1), (9, 0)], "user_idx int, item_idx int")  # user 9: no features
-    rows = sorted(ft.deepfm_frame(pairs, users, items, spec).collect())
+    rows = sorted(fs.field_frame(pairs, users, items, spec).collect())
     assert [(r[tb.USER_IDX], r[tb.ITEM_IDX]) for r in rows] == [(0, 1), (1, 1)]
-    matrix = ft.item_field_matrix(items, spec, n_items=3)  # item 2 has no feature row
+    matrix = fs.item_field_matrix(items, spec, n_items=3)  # item 2 has no feature row
     assert matrix.shape == (3, len(spec.item_fields))
     assert matrix[:, 0].tolist() == [1, 2, 3] and (matrix[2, 1:] == 0).all()
     for row in rows:  # the frame's item block is the item matrix's row; the user id is idx + 1
@@ -184,7 +185,7 @@ def test_deepfm_frame_spec_and_item_matrix(spark, built):
         assert row[tb.FIELDS][0] == row[tb.USER_IDX] + 1
         assert all(0 <= v < c for v, c in zip(row[tb.FIELDS], spec.sizes, strict=True))
     # A side-file user without activity (u3) is a query row of its own: its id, then "never" seen.
-    queries = {r[tb.USER_ID]: r for r in ft.query_frame(users, spec).collect()}
+    queries = {r[tb.USER_ID]: r for r in fs.query_frame(users, spec).collect()}
     u3 = queries["u3"][tb.FIELDS]
     assert len(u3) == len(spec.user_fields) and u3[0] == queries["u3"][tb.USER_IDX] + 1
     never = ft.Vocabulary.read(spark, warehouse).lookup(tb.RECENCY, ft.NEVER)

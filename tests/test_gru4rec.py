@@ -11,19 +11,24 @@ import pytest
 import torch
 
 from recsys_spark import tables as tb
-from recsys_spark.evaluate_sessions import GRU4RecScorer, next_item_metrics
-from recsys_spark.models import gru4rec as g4r
-from recsys_spark.models.gru4rec import GRU4Rec
-from recsys_spark.train.distributed import LocalContext
-from recsys_spark.train.session_batches import (
+from recsys_spark.data.session_batches import (
     PAD,
     SessionData,
     SessionParallelBatches,
     sessions_from_events,
     sessions_from_padded,
-    stack_steps,
 )
-from recsys_spark.train.tasks_extra import GRU4RecParams, GRU4RecTask, fit_session_parallel
+from recsys_spark.evaluate.sessions import next_item_metrics
+from recsys_spark.models.gru4rec import (
+    GRU4RecNetParams,
+    GRU4RecScorer,
+    GRU4RecTask,
+    PaperSchedule,
+    fit_session_parallel,
+)
+from recsys_spark.nn import gru4rec as g4r
+from recsys_spark.nn.gru4rec import GRU4Rec
+from recsys_spark.train.distributed import LocalContext
 from recsys_spark.train.trainer import TrainConfig, fit
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
@@ -47,8 +52,6 @@ def test_session_parallel_steps_exact_sequence():
         ([11, 8], [12, 9], [True, False], [True, True]),  # [1, 2, 3] ended: row 0 <- [11, 12]
         ([PAD, 9], [PAD, 10], [False, False], [False, True]),  # no session left: row 0 idle
     ]
-    stacked = stack_steps(steps)
-    assert stacked.inputs.shape == (4, 2) and stacked.reset.dtype == bool
 
 
 def test_every_pair_once_with_more_rows_than_sessions_and_shuffled():
@@ -167,10 +170,10 @@ def _pattern_sessions(n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def _params(loss: str, **overrides) -> GRU4RecParams:
+def _params(loss: str, **overrides) -> GRU4RecNetParams:
     base = {"hidden": 16, "parallel": 8, "n_sample": 6, "sample_alpha": 0.5, "dropout_hidden": 0.0,
-            "loss": loss, "lr": 0.1, "bpreg": 0.5, "elu_param": 0.5 if loss == "bpr-max" else 0.0, "seed": 0}
-    return GRU4RecParams(**{**base, **overrides})
+            "loss": loss, "bpreg": 0.5, "elu_param": 0.5 if loss == "bpr-max" else 0.0, "seed": 0}
+    return GRU4RecNetParams(**{**base, **overrides})
 
 
 @pytest.mark.parametrize("loss", ["ce", "bpr-max", "top1-max"])
@@ -179,7 +182,7 @@ def test_each_loss_lowers_and_learns_the_next_item(loss):
     counts = np.bincount(np.concatenate(train), minlength=N_ITEMS)
     task = GRU4RecTask(_params(loss), N_ITEMS, item_counts=counts, holdout_sessions=valid, k=1)
     before = task.validate(task.build_model())
-    model, history = fit_session_parallel(task, train, epochs=4)
+    model, history = fit_session_parallel(task, train, PaperSchedule(lr=0.1, epochs=4))
     assert history[-1]["loss"] < history[0]["loss"]
     assert before["recall@1"] < 0.3 and history[-1]["recall@1"] >= 0.95  # the successor is ranked first
     assert history[-1]["events_per_s"] > 0
@@ -203,7 +206,7 @@ def test_gru4rec_task_through_the_trainer():
     result = fit(task, LocalContext(), shard, steps_per_epoch=6, config=config)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.history[-1]["recall@20"] == 1.0 and result.history[-1]["mrr@20"] > 0.5
-    assert result.model_args == task.model_args
+    assert result.init_kwargs == task.build_model().init_kwargs
     # A batch without any session of two items still gives a (zero) loss with a gradient path.
     model = task.build_model()
     empty = task.loss(model, {tb.ITEMS: torch.tensor([[3, PAD, PAD]])})

@@ -17,7 +17,7 @@ from recsys_spark.models import registry
 from recsys_spark.models.als import ALSParams, ALSRecommender
 from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender, bm25_weight
 from recsys_spark.models.popularity import PopularityParams, PopularityRecommender
-from recsys_spark.recommend import SIMILAR_ITEM_IDX
+from recsys_spark.tables import SIMILAR_ITEM_IDX
 
 pytestmark = pytest.mark.spark
 
@@ -241,13 +241,42 @@ def test_registry_builds_with_validated_params():
         registry.build("sasrec_typo", PipelineConfig())
 
 
+def test_a_partial_section_keeps_the_models_own_defaults():
+    config = PipelineConfig(model_params={"ncf": {"train": {"epochs": 3}}, "sasrec": {"net": {"d": 32}}})
+    ncf, sasrec = registry.build("ncf", config), registry.build("sasrec", config)
+    assert ncf.params.train.epochs == 3
+    assert (ncf.params.train.optimizer, ncf.params.train.schedule) == ("adam", "constant")  # not TrainConfig's
+    assert ncf.params.train.early_stopping_metric == "ndcg@10"
+    assert sasrec.params.net.d == 32 and sasrec.params.net.max_len == 50
+
+
+@pytest.mark.parametrize(("model", "params", "pointer"), [
+    ("ncf", {"users_per_block": 64}, "recommend.users_per_block"),
+    ("deepfm", {"net": {"lr": 0.01}}, "train.lr"),
+    ("gru4rec", {"net": {"batch_sessions": 32}}, "train.batch_size"),
+    ("gru4rec", {"net": {"momentum": 0.1}}, "PaperSchedule"),
+])
+def test_a_removed_key_says_where_its_setting_went(model, params, pointer):
+    with pytest.raises(ConfigError, match=pointer):
+        registry.build(model, PipelineConfig(model_params={model: params}))
+
+
+def test_recommend_order_puts_a_reranker_after_its_candidates():
+    params = {"deepfm": {"candidates": "als"}}
+    assert registry.recommend_order(["deepfm", "popularity", "als"], params) == ["als", "deepfm", "popularity"]
+    assert registry.recommend_order(["deepfm", "popularity"], params) == ["deepfm", "popularity"]  # als ran before
+    assert registry.need_features(["als", "deepfm"]) == ["deepfm"]
+    with pytest.raises(RecsysError, match="cycle: deepfm -> deepfm"):
+        registry.recommend_order(["deepfm"], {"deepfm": {"candidates": "deepfm"}})
+
+
 # --- quality on real data ------------------------------------------------------------------------
 
 
 @pytest.mark.shared_data
 def test_als_beats_popularity_on_movielens(spark, shared_data):
     from recsys_spark.data.splits import leave_last_out
-    from recsys_spark.evaluate import evaluate
+    from recsys_spark.evaluate.ranking import evaluate
 
     ratings = pd.read_csv(shared_data / "ml-100k" / "u.data", sep="\t", names=["u", "i", "r", "t"])
     table = spark.createDataFrame(

@@ -10,6 +10,7 @@ import pytest
 from pyspark.sql import types as T
 
 from recsys_spark import recommend as R
+from recsys_spark import scoring as S
 from recsys_spark import tables as tb
 from recsys_spark.models.als import ALSParams, ALSRecommender
 from recsys_spark.models.popularity import PopularityRecommender
@@ -42,7 +43,7 @@ def assert_same_recs(got: list[tuple], expected: list[tuple]) -> None:
 
 def factors_frame(spark, ids, matrix, id_col):
     schema = T.StructType(
-        [T.StructField(id_col, T.IntegerType()), T.StructField(R.EMBEDDING, T.ArrayType(T.FloatType()))]
+        [T.StructField(id_col, T.IntegerType()), T.StructField(tb.EMBEDDING, T.ArrayType(T.FloatType()))]
     )
     rows = [(int(i), [float(x) for x in v]) for i, v in zip(ids, matrix, strict=True)]
     return spark.createDataFrame(rows, schema)
@@ -57,8 +58,8 @@ def test_top_k_of_scores_equals_brute_force_argsort():
     seen = {0: [2, 3, 99], 3: [0], 6: [0, 2, 3, 5, 8, 9, 11, 12]}  # 99 is not in the catalogue
     seen_col = [np.array(seen.get(u, []), dtype=np.int32) if u in seen else None for u in user_ids]
     excluded = [20]
-    got = R.top_k_of_scores(user_ids, users @ items.T, seen_col, item_ids, 4,
-                            R.positions(item_ids, np.array(excluded)))
+    got = S.top_k_of_scores(user_ids, users @ items.T, seen_col, item_ids, 4,
+                            S.positions(item_ids, np.array(excluded)))
     assert_same_recs(as_rows(got), brute_force(user_ids, users, item_ids, items, 4, seen, excluded))
     # User 6 has seen 8 items and item 20 is excluded: only item 21 is left.
     assert got[got[tb.USER_IDX] == 6][tb.ITEM_IDX].tolist() == [21]
@@ -67,7 +68,7 @@ def test_top_k_of_scores_equals_brute_force_argsort():
 def test_top_k_of_scores_breaks_ties_by_smaller_item():
     item_ids = np.arange(5, dtype=np.int32)
     items = np.array([[1.0], [2.0], [2.0], [2.0], [1.0]], dtype=np.float32)  # items 1, 2, 3 tie for first
-    got = R.top_k_of_scores(np.array([0]), np.array([[1.0]], np.float32) @ items.T, None, item_ids, 2)
+    got = S.top_k_of_scores(np.array([0]), np.array([[1.0]], np.float32) @ items.T, None, item_ids, 2)
     assert got[tb.ITEM_IDX].tolist() == [1, 2]
     assert got[tb.RANK].tolist() == [1, 2]
 
@@ -82,7 +83,7 @@ def test_top_k_from_factors_equals_brute_force(spark):
     seen = {u: list(rng.choice(item_ids, size=u % 5, replace=False)) for u in range(n_users)}
     seen[22] = list(item_ids)  # everything seen: no rows at all for user 22
     seen_df = spark.createDataFrame([(u, int(i)) for u, its in seen.items() for i in its], PAIRS_SCHEMA)
-    got = R.top_k_from_factors(
+    got = S.top_k_from_factors(
         factors_frame(spark, range(n_users), users, tb.USER_IDX), factors_frame(spark, item_ids, items, tb.ITEM_IDX),
         k, seen=seen_df, exclude_items=[3, 5], users_per_block=4,
     ).toPandas().sort_values([tb.USER_IDX, tb.RANK])
@@ -96,12 +97,12 @@ def test_top_k_from_factors_equals_brute_force(spark):
 @pytest.mark.spark
 def test_similar_from_factors_is_cosine(spark):
     vectors = np.array([[1, 0], [1, 1], [0, 2], [-1, 0]], dtype=np.float32)
-    got = R.similar_from_factors(factors_frame(spark, range(4), vectors, tb.ITEM_IDX), 2).toPandas()
+    got = S.similar_from_factors(factors_frame(spark, range(4), vectors, tb.ITEM_IDX), 2).toPandas()
     top = got.sort_values([tb.ITEM_IDX, tb.RANK])
     first = top[top[tb.ITEM_IDX] == 0]
-    assert first[R.SIMILAR_ITEM_IDX].tolist() == [1, 2]  # cos 0.707, then 0 (item 2) beats -1 (item 3)
+    assert first[tb.SIMILAR_ITEM_IDX].tolist() == [1, 2]  # cos 0.707, then 0 (item 2) beats -1 (item 3)
     assert first[tb.SCORE].tolist() == pytest.approx([1 / math.sqrt(2), 0.0], abs=1e-6)
-    assert (got[tb.ITEM_IDX] != got[R.SIMILAR_ITEM_IDX]).all()
+    assert (got[tb.ITEM_IDX] != got[tb.SIMILAR_ITEM_IDX]).all()
 
 
 @pytest.mark.spark

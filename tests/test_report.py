@@ -12,6 +12,8 @@ from pyspark.sql import Row
 from recsys_spark import report
 from recsys_spark import tables as tb
 from recsys_spark.errors import RecsysError
+from recsys_spark.report import plots
+from recsys_spark.report.page import SECTIONS
 
 pytestmark = pytest.mark.spark
 
@@ -64,7 +66,7 @@ def tiny_warehouse(spark, tmp_path_factory):
     ts = dt.datetime(2024, 1, 1)
     pairs = [(u, i, 1.0, 1, ts, ts) for u, n in enumerate([1, 2, 3, 4, 8]) for i in range(n)]
     _save(spark.createDataFrame(pairs, INTERACTIONS_SCHEMA), warehouse, tb.INTERACTIONS)
-    ncf_dir = report.model_dir(warehouse, "ncf", NEW)
+    ncf_dir = tb.model_dir(warehouse, "ncf", NEW)
     os.makedirs(ncf_dir)
     with open(os.path.join(ncf_dir, "model.json"), "w") as fh:
         json.dump({"model": "ncf", "history": HISTORY}, fh)
@@ -80,10 +82,10 @@ def test_report_of_the_latest_run(spark, tiny_warehouse, tmp_path):
     assert "run nightly-new" in page and "nightly-old" not in page
     for model in MODELS:
         assert model in page
-    for title in report.SECTIONS:
+    for title in SECTIONS:
         assert f"<h2>{title}</h2>" in page
-    pngs = [report.PNG_METRICS, report.PNG_TRAINING, report.PNG_COVERAGE, report.PNG_EVENTS, report.PNG_ACTIVE,
-            report.PNG_COUNTS]
+    pngs = [plots.PNG_METRICS, plots.PNG_TRAINING, plots.PNG_COVERAGE, plots.PNG_EVENTS, plots.PNG_ACTIVE,
+            plots.PNG_COUNTS]
     assert page.count('src="data:image/png;base64,') == len(pngs)
     for name in pngs:
         data = (out / name).read_bytes()
@@ -112,7 +114,7 @@ def test_report_of_a_named_run(spark, tiny_warehouse, tmp_path):
     assert "run nightly-old" in page
     # The old run's ncf has no model directory, so there is no history to draw; the section says so.
     assert "No deep models in this run" in page
-    assert not (tmp_path / "old" / report.PNG_TRAINING).exists()
+    assert not (tmp_path / "old" / plots.PNG_TRAINING).exists()
     assert page.count('src="data:image/png;base64,') == 5
 
 
@@ -131,9 +133,9 @@ def test_sections_without_their_tables_say_so(spark, tmp_path):
     _save(spark.createDataFrame(rows, METRICS_SCHEMA), warehouse, tb.METRICS)
     path = report.write_report(spark, warehouse, str(tmp_path / "out"))
     page = open(path, encoding="utf-8").read()
-    for title in report.SECTIONS:
+    for title in SECTIONS:
         assert f"<h2>{title}</h2>" in page
     assert "<th>als (leave_last_out)</th>" in page and "<th>als (sessions)</th>" in page
     for missing in (tb.RECOMMENDATIONS, tb.BRONZE_EVENTS, tb.INTERACTIONS):
         assert f"{missing} not found under" in page
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [report.PNG_COVERAGE, report.PNG_METRICS]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [plots.PNG_COVERAGE, plots.PNG_METRICS]

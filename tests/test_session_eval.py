@@ -13,18 +13,18 @@ import pytest
 import torch
 
 from recsys_spark import tables as tb
-from recsys_spark.evaluate_sessions import (
-    GRU4RecScorer,
+from recsys_spark.data.sequences import session_item_arrays
+from recsys_spark.evaluate.sessions import (
     ItemKNNScorer,
     PopularityScorer,
-    SASRecScorer,
     evaluate_sessions,
     next_item_metrics,
     query_ranks,
-    session_item_arrays,
 )
-from recsys_spark.models.gru4rec import GRU4Rec
-from recsys_spark.models.sasrec import SASRec
+from recsys_spark.models.gru4rec import GRU4RecScorer
+from recsys_spark.models.sasrec import SASRecScorer
+from recsys_spark.nn.gru4rec import GRU4Rec
+from recsys_spark.nn.sasrec import SASRec
 
 # Scores of the 4 items given the current input item (row = input).
 TABLE = np.array([
@@ -116,7 +116,7 @@ def test_sasrec_scorer_matches_the_module_on_the_left_padded_prefix(torch_one_th
     model = SASRec(12, max_len=4, d=8, heads=2, blocks=2, dropout=0.3).eval()
     # Rebuilt from numpy weights after a pickle round trip (as when broadcast): the same module.
     scorer = pickle.loads(pickle.dumps(SASRecScorer.from_model(model)))
-    assert scorer.n_items == 12 and scorer.weights
+    assert scorer.n_items == 12 and scorer.snapshot.weights
     sessions = [[3, 7, 1, 0, 11, 5, 2], [4, 4, 9], [6, 2]]  # the first is longer than max_len
     expected = {}  # (session, position) -> the module's scores after reading items[: position + 1]
     for n, items in enumerate(sessions):

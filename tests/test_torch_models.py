@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from recsys_spark import tables as tb
-from recsys_spark.models import sasrec as sasrec_module
-from recsys_spark.models.ncf import GMF, MLP, NeuMF
-from recsys_spark.models.sasrec import SASRec
-from recsys_spark.train.tasks import Holdout, NCFParams, NCFTask, SASRecParams, SASRecTask
+from recsys_spark.models.ncf import NCFNetParams, NCFTask
+from recsys_spark.models.sasrec import SASRecNetParams, SASRecTask
+from recsys_spark.nn import sasrec as sasrec_module
+from recsys_spark.nn.ncf import GMF, MLP, NeuMF
+from recsys_spark.nn.sasrec import SASRec
+from recsys_spark.train.task import Holdout
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -182,7 +184,7 @@ def group_data(n_users: int = 30, n_items: int = 30, groups: int = 3):
                                                          ("mlp", "bce", "popularity")])
 def test_ncf_training_lowers_the_loss_and_learns_the_groups(model, loss, sampler):
     pairs, holdout, counts = group_data()
-    params = NCFParams(model=model, loss=loss, negatives=sampler, mf_dim=8, mlp_layers=[16, 8], n_negatives=4)
+    params = NCFNetParams(model=model, loss=loss, negatives=sampler, mf_dim=8, mlp_layers=[16, 8], n_negatives=4)
     task = NCFTask(params, n_users=30, n_items=30, item_counts=counts, holdout=holdout)
     task.seed_negatives(0)
     before = task.validate(task.build_model())
@@ -222,7 +224,7 @@ def cycle_sequences(n: int = 64, n_items: int = 12, width: int = 8, seed: int = 
 def test_sasrec_training_lowers_the_loss_and_learns_the_cycle(loss, sampler):
     seqs, holdout = cycle_sequences()
     counts = np.bincount(seqs[seqs != PAD], minlength=12)
-    params = SASRecParams(max_len=8, d=16, heads=2, blocks=1, dropout=0.1, loss=loss, negatives=sampler,
+    params = SASRecNetParams(max_len=8, d=16, heads=2, blocks=1, dropout=0.1, loss=loss, negatives=sampler,
                           n_negatives=6)
     task = SASRecTask(params, n_items=12, item_counts=counts, holdout=holdout)
     task.seed_negatives(0)
@@ -234,7 +236,7 @@ def test_sasrec_training_lowers_the_loss_and_learns_the_cycle(loss, sampler):
 
 
 def test_sasrec_loss_ignores_padded_positions():
-    params = SASRecParams(max_len=8, d=8, heads=1, blocks=1, dropout=0.0)
+    params = SASRecNetParams(max_len=8, d=8, heads=1, blocks=1, dropout=0.0)
     task = SASRecTask(params, n_items=10)
     model = task.build_model()
     seq = torch.tensor([[PAD, PAD, PAD, 1, 2, 3]])
@@ -242,7 +244,7 @@ def test_sasrec_loss_ignores_padded_positions():
     assert task.loss(model, {tb.ITEMS: seq}).item() == pytest.approx(task.loss(model, {tb.ITEMS: longer}).item(),
                                                                       rel=1e-5)
     for loss, sampler in [("ce", "uniform"), ("bce", "popularity"), ("sampled_softmax", "in_batch")]:
-        task = SASRecTask(SASRecParams(max_len=8, d=8, blocks=1, loss=loss, negatives=sampler), 10, np.ones(10))
+        task = SASRecTask(SASRecNetParams(max_len=8, d=8, blocks=1, loss=loss, negatives=sampler), 10, np.ones(10))
         empty = task.loss(task.build_model(), {tb.ITEMS: torch.full((2, 6), PAD)})  # nothing to predict
         empty.backward()
         assert empty.item() == 0.0
@@ -250,7 +252,7 @@ def test_sasrec_loss_ignores_padded_positions():
 
 def test_tasks_pickle_and_build_the_same_model():
     pairs, holdout, counts = group_data()
-    task = NCFTask(NCFParams(model="neumf"), n_users=30, n_items=30, item_counts=counts, holdout=holdout)
+    task = NCFTask(NCFNetParams(model="neumf"), n_users=30, n_items=30, item_counts=counts, holdout=holdout)
     task.sample("popularity", (2, 3), torch.device("cpu"))  # generator and probs cached
     copy = pickle.loads(pickle.dumps(task))
     a, b = task.build_model(), copy.build_model()
@@ -261,11 +263,11 @@ def test_tasks_pickle_and_build_the_same_model():
 
 def test_params_reject_unknown_keys_and_bad_combinations():
     with pytest.raises(ValueError):
-        SASRecParams(hidden=3)
+        SASRecNetParams(hidden=3)
     with pytest.raises(ValueError):
-        SASRecParams(loss="ce", negatives="in_batch")
+        SASRecNetParams(loss="ce", negatives="in_batch")
     with pytest.raises(ValueError):
-        NCFParams(mlp_layers=[7, 4])
+        NCFNetParams(mlp_layers=[7, 4])
 
 
 @pytest.mark.gpu
@@ -275,7 +277,7 @@ def test_training_step_on_cuda_samples_on_the_batch_device():
     seqs, holdout = cycle_sequences()
     counts = np.bincount(seqs[seqs != PAD], minlength=12)
     for loss in ("ce", "bce", "sampled_softmax"):
-        task = SASRecTask(SASRecParams(max_len=8, d=16, blocks=1, loss=loss, negatives="popularity"), 12,
+        task = SASRecTask(SASRecNetParams(max_len=8, d=16, blocks=1, loss=loss, negatives="popularity"), 12,
                           item_counts=counts, holdout=holdout)
         model = task.build_model().to(device)
         value = task.loss(model, {tb.ITEMS: torch.as_tensor(seqs, device=device)})
@@ -283,7 +285,7 @@ def test_training_step_on_cuda_samples_on_the_batch_device():
         assert value.device.type == "cuda" and torch.isfinite(value)
         assert set(task.validate(model)) == {"hr@10", "ndcg@10"}
     pairs, holdout, counts = group_data()
-    task = NCFTask(NCFParams(negatives="popularity"), 30, 30, item_counts=counts, holdout=holdout)
+    task = NCFTask(NCFNetParams(negatives="popularity"), 30, 30, item_counts=counts, holdout=holdout)
     model = task.build_model().to(device)
     batch = {tb.USER_IDX: torch.as_tensor(pairs[:, 0], device=device),
              tb.ITEM_IDX: torch.as_tensor(pairs[:, 1], device=device), tb.WEIGHT: torch.ones(len(pairs), device=device)}

@@ -15,6 +15,7 @@ import torch
 from pydantic import ValidationError
 from pyspark import cloudpickle as spark_cloudpickle
 
+from recsys_spark.errors import RecsysError
 from recsys_spark.train import checkpoint as ckpt
 from recsys_spark.train import loaders
 from recsys_spark.train.distributed import DistContext, launch
@@ -32,6 +33,7 @@ USERS, ITEMS = 24, 32
 class MF(torch.nn.Module):
     def __init__(self, users: int, items: int, dim: int) -> None:
         super().__init__()
+        self.init_kwargs = {"users": users, "items": items, "dim": dim}
         self.user = torch.nn.Embedding(users, dim)
         self.item = torch.nn.Embedding(items, dim)
         torch.nn.init.normal_(self.user.weight, std=0.1)
@@ -59,12 +61,8 @@ class MFTask:
     calls: int = field(default=0, repr=False)
     columns: list[str] = field(default_factory=lambda: ["user", "item"])
 
-    @property
-    def model_args(self) -> dict:
-        return {"users": USERS, "items": ITEMS, "dim": self.dim}
-
     def build_model(self) -> torch.nn.Module:
-        return MF(**self.model_args)
+        return MF(USERS, ITEMS, self.dim)
 
     def loss(self, model, batch):
         self.calls += 1
@@ -113,7 +111,7 @@ def base_config(**overrides) -> TrainConfig:
 def test_task_meets_the_protocol_and_pickles():
     task = MFTask(pattern())
     assert isinstance(task, TrainTask)
-    assert cloudpickle.loads(cloudpickle.dumps(task)).model_args == task.model_args
+    assert cloudpickle.loads(cloudpickle.dumps(task)).dim == task.dim
 
 
 def test_loss_decreases_and_a_checkpoint_is_written_every_epoch(tmp_path):
@@ -134,7 +132,7 @@ def test_loss_decreases_and_a_checkpoint_is_written_every_epoch(tmp_path):
         assert len(raw["history"]) == epoch
         assert raw["optimizer"]["state"]  # AdamW moments travel with the weights
     last = ckpt.load(ckpt.epoch_path(str(tmp_path), 6))
-    assert last.model_args == task.model_args
+    assert last.init_kwargs == task.build_model().init_kwargs == {"users": USERS, "items": ITEMS, "dim": 8}
     assert last.config["batch_size"] == 32
     model = task.build_model()
     model.load_state_dict(last.model)
@@ -162,6 +160,13 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     for name, tensor in straight.state_dict.items():
         assert torch.equal(tensor, resumed.state_dict[name]), name
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    config = base_config(epochs=1, checkpoint_dir=str(tmp_path))
+    run_local(MFTask(pattern(), dim=8), config)
+    with pytest.raises(RecsysError, match=r"written for a network built with .*'dim': 8.*'dim': 4"):
+        run_local(MFTask(pattern(), dim=4), config.model_copy(update={"resume": True}))
 
 
 def test_early_stopping_stops_when_the_metric_stalls_and_returns_the_best_epoch(tmp_path):

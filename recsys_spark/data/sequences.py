@@ -1,4 +1,5 @@
-"""Per-user item sequences (SASRec, GRU4Rec) and inactivity-gap sessions."""
+"""Per-user item sequences and inactivity-gap sessions, and sessions as fixed-length item arrays (the
+inputs of the sequence models)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
+from recsys_spark.tables import require_columns
 
 
 def user_sequences(train: DataFrame, max_length: int) -> DataFrame:
@@ -52,3 +54,21 @@ def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
         tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.EVENT_TIME,
         (F.row_number().over(in_session) - 1).alias("position"),
     )
+
+
+def session_item_arrays(sessions: DataFrame, min_length: int = 2, max_length: int | None = None) -> DataFrame:
+    """``silver/sessions`` rows -> one row per session: (session_id, items array<int> in position order,
+    length). Sessions shorter than ``min_length`` are dropped. With ``max_length``, the last
+    ``max_length`` items are kept and ``items`` is right-padded with PAD to exactly that length (a fixed-
+    length column for Petastorm: a session model's training rows)."""
+    require_columns(sessions, [tb.SESSION_ID, tb.ITEM_IDX, tb.POSITION], "sessions")
+    ordered = F.sort_array(F.collect_list(F.struct(tb.POSITION, tb.ITEM_IDX)))
+    lists = sessions.groupBy(tb.SESSION_ID).agg(F.transform(ordered, lambda p: p[tb.ITEM_IDX]).alias(tb.ITEMS))
+    n = F.size(tb.ITEMS)
+    lists = lists.filter(n >= min_length)
+    items = F.col(tb.ITEMS)
+    if max_length is not None:
+        tail = F.slice(items, F.greatest(n - max_length + 1, F.lit(1)), max_length)
+        items = F.concat(tail, F.array_repeat(F.lit(tb.PAD_IDX), F.greatest(max_length - n, F.lit(0))))
+    return lists.select(tb.SESSION_ID, items.cast("array<int>").alias(tb.ITEMS),
+                        (F.least(n, F.lit(max_length)) if max_length else n).cast("int").alias(tb.LENGTH))

@@ -1,4 +1,5 @@
-"""Train/test splits of DESIGN section 4: leave-last-out per user, and one global time cut.
+"""Train/test splits of the evaluation protocol (docs/ARCHITECTURE.md): leave-last-out per user, and one
+global time cut.
 
 Both return (train, test) frames of indexed interactions; test items are always absent from the same
 user's train part, since the evaluator filters seen items.

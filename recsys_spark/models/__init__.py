@@ -1,2 +1,2 @@
-"""Recommenders. Spark-side models implement ``Recommender``; torch modules live beside them and hold
-nothing about Spark."""
+"""Recommenders: the interface (``base``), what the torch models share (``torch_base``), the one list of
+models (``registry``) and one module per model. Their torch networks live in ``recsys_spark.nn``."""

@@ -5,7 +5,7 @@ prefers the item; unobserved pairs have confidence 1 and preference 0. MLlib sol
 item's least squares with the regularisation scaled by its number of interactions (ALS-WR), so
 ``reg_param`` is per interaction, not absolute as in ``implicit``.
 
-Top-N does not use MLlib's ``recommendForAllUsers``: ``recsys_spark.recommend.top_k_from_factors``
+Top-N does not use MLlib's ``recommendForAllUsers``: ``recsys_spark.scoring.top_k_from_factors``
 scores blocks of users with one BLAS product each, and filters seen items inside the same pass.
 """
 
@@ -24,7 +24,8 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json, write_json
-from recsys_spark.recommend import EMBEDDING, similar_from_factors, top_k_from_factors
+from recsys_spark.scoring import top_k_from_factors
+from recsys_spark.tables import EMBEDDING
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,11 @@ class ALSRecommender(Recommender):
     """
 
     name = "als"
+    params_class = ALSParams
 
     def __init__(self, params: ALSParams | None = None) -> None:
-        super().__init__(params or ALSParams())
+        super().__init__(params)
         self._model: ALSModel | None = None
-        # Users per matrix product at top-N; the pipeline sets it from recommend.users_per_block.
-        self.users_per_block = 2048
 
     def num_blocks(self, spark) -> int:
         """MLlib defaults to 10 blocks; on a small machine that is mostly scheduling overhead."""
@@ -129,9 +129,6 @@ class ALSRecommender(Recommender):
     def _recommend(self, users: DataFrame, k: int, seen: DataFrame | None, exclude_items: list[int]) -> DataFrame:
         wanted = self.user_factors().join(users, tb.USER_IDX, "left_semi")
         return top_k_from_factors(wanted, self.item_factors(), k, seen, exclude_items, self.users_per_block)
-
-    def _similar_items(self, k: int) -> DataFrame:
-        return similar_from_factors(self.item_factors(), k, self.users_per_block)
 
     def save(self, path: str) -> None:
         write_json(path, {"model": self.name, "params": self.params.model_dump()})

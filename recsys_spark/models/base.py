@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -16,16 +17,15 @@ from typing import Any, ClassVar
 from pyspark.sql import DataFrame
 
 from recsys_spark import tables as tb
+from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
+from recsys_spark.scoring import similar_from_factors
+from recsys_spark.tables import require_columns
+
+log = logging.getLogger(__name__)
 
 RECS_COLUMNS = [tb.USER_IDX, tb.ITEM_IDX, tb.SCORE, tb.RANK]
-SIMILAR_COLUMNS = [tb.ITEM_IDX, "similar_item_idx", tb.SCORE, tb.RANK]
-
-
-def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise RecsysError(f"{what} lacks column(s) {missing}; it has {df.columns}")
+SIMILAR_COLUMNS = [tb.ITEM_IDX, tb.SIMILAR_ITEM_IDX, tb.SCORE, tb.RANK]
 
 
 class Recommender(ABC):
@@ -34,18 +34,22 @@ class Recommender(ABC):
     ``recommend`` returns, for each requested user, at most ``k`` rows (user_idx, item_idx, score, rank)
     with rank 1 the best; items in ``seen`` (the user's train interactions) never appear, nor do
     ``exclude_items``. Ties in score are broken by the smaller item_idx, so results are deterministic.
+
+    A subclass names itself (``name``, the registry key) and its hyper-parameters (``params_class``, a
+    ``Section`` whose defaults equal ``conf/models/<name>.yaml``).
     """
 
     name: ClassVar[str]
-    workdir: str | None = None  # where a model may keep checkpoints and caches while it fits
-    # Set by the pipeline before ``fit`` and ``recommend``, for models that read more than their train
-    # frame (DeepFM: the feature tables, and another model's rows of gold/recommendations): the
-    # warehouse root and the run's logical date. Models that need neither ignore them.
-    warehouse: str | None = None
-    run_date: dt.date | None = None
+    params_class: ClassVar[type[Section]]
 
-    def __init__(self, params: Any = None) -> None:
-        self.params = params
+    # Set by the pipeline before ``fit`` and ``recommend``; a model uses what it needs and ignores the rest.
+    workdir: str | None = None  # where it may keep checkpoints and caches while it fits
+    warehouse: str | None = None  # the warehouse root, for models that read more than their train frame
+    run_date: dt.date | None = None  # the run's logical date (e.g. whose gold rows to re-rank)
+    users_per_block: int = 2048  # users scored by one matrix product or forward pass (recommend.users_per_block)
+
+    def __init__(self, params: Section | None = None) -> None:
+        self.params = params if params is not None else self.params_class()
 
     def fit(self, train: DataFrame) -> Recommender:
         """Fit on (user_idx, item_idx, weight) rows."""
@@ -66,7 +70,8 @@ class Recommender(ABC):
         )
 
     def similar_items(self, k: int) -> DataFrame:
-        """Top-``k`` most similar other items for every item: (item_idx, similar_item_idx, score, rank)."""
+        """Top-``k`` most similar other items for every item: (item_idx, similar_item_idx, score, rank);
+        by default the cosine of ``item_factors``."""
         if k <= 0:
             raise RecsysError(f"k must be positive, got {k}")
         return self._similar_items(k).select(*SIMILAR_COLUMNS)
@@ -83,6 +88,12 @@ class Recommender(ABC):
         """(item_idx, embedding array<float>) for models that learn item embeddings."""
         return None
 
+    def fit_session_scorer(self, sessions: DataFrame, n_items: int):
+        """Train on ``silver/sessions`` rows (session_id, user_idx, item_idx, position) and return a
+        next-item scorer of ``recsys_spark.evaluate.sessions`` over ``n_items`` items, or None when the
+        model has no session form (the default). The pipeline's session protocol scores what it returns."""
+        return None
+
     @abstractmethod
     def _fit(self, train: DataFrame) -> None: ...
 
@@ -91,7 +102,11 @@ class Recommender(ABC):
                    exclude_items: list[int]) -> DataFrame: ...
 
     def _similar_items(self, k: int) -> DataFrame:
-        raise RecsysError(f"model {self.name} does not provide similar items")
+        """By default the cosine of the item factors, for models that have them."""
+        factors = self.item_factors()
+        if factors is None:
+            raise RecsysError(f"model {self.name} does not provide similar items")
+        return similar_from_factors(factors, k, self.users_per_block)
 
     @abstractmethod
     def save(self, path: str) -> None:
@@ -102,13 +117,33 @@ class Recommender(ABC):
     def load(cls, spark, path: str) -> Recommender: ...
 
 
+META_FILE = "model.json"
+
+
 def write_json(path: str, payload: dict) -> None:
-    """Small metadata file beside a model (local paths; a cluster run writes models to a shared FS)."""
+    """The model's metadata file (``model.json``) beside its state (local paths; a cluster run writes
+    models to a shared file system)."""
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "model.json"), "w") as fh:
+    with open(os.path.join(path, META_FILE), "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
 
 
 def read_json(path: str) -> dict:
-    with open(os.path.join(path, "model.json")) as fh:
+    with open(os.path.join(path, META_FILE)) as fh:
         return json.load(fh)
+
+
+def training_history(path: str) -> list[dict[str, Any]]:
+    """The per-epoch history a saved model keeps in its ``model.json`` (torch models), or [] when there is
+    none or the file cannot be read: for the tracker and the run report, which only display it."""
+    location = path.removeprefix("file://")
+    if "://" in location:
+        return []  # models are saved with plain file IO; nothing to read on object storage
+    try:
+        history = read_json(location).get("history")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the training history in %s: %s", location, exc)
+        return []
+    return history if isinstance(history, list) else []

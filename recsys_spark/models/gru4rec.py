@@ -1,212 +1,410 @@
-"""GRU4Rec: session-based recommendation with a recurrent network (Hidasi et al. 2016, "Session-based
-Recommendations with Recurrent Neural Networks"; Hidasi & Karatzoglou 2018, "Recurrent Neural Networks
-with Top-k Gains for Session-based Recommendations"), and its losses.
+"""GRU4Rec (Hidasi et al. 2016; Hidasi & Karatzoglou 2018): a recurrent network over sessions, or over each
+user's whole history read as one long session.
 
-Network. At step t of a session the input item x_t is embedded, one or more GRU layers update the hidden
-state, and the last layer's output h_t scores every item j as
+The network and its losses (cross-entropy with log-Q correction, BPR-max, TOP1-max) are
+``recsys_spark.nn.gru4rec``. Batch layout of :class:`GRU4RecTask`: ``items`` array<int> of fixed length L,
+one whole session per row, padded with PAD (-1) (``data.sequences.session_item_arrays(..., max_length=L)``
+or ``user_sequences``). The trainer's batch of R sessions is one optimiser step: ``loss`` runs the
+session-parallel iteration (``data.session_batches``) over those R sessions with ``parallel`` rows,
+scoring each step's targets against the step's other targets plus ``n_sample`` shared
+popularity-sampled negatives, and returns the mean loss over all R sessions' events. The hidden state is
+detached between steps by default (``truncate_bptt``: one-step back-propagation through time, as the
+official implementation); the gradient is then the mean of the steps' gradients. The paper's own
+schedule, one update per session-parallel step, is :func:`fit_session_parallel` (one process; what
+``scripts/bench_sessions.py`` runs).
 
-    r_{t,j} = <h_t, W_j> + b_j                       W [n_items, H] output item embeddings, b [n_items]
-
-Inputs are item indices 0..n_items-1, one per session row (``forward_step``). The input embedding is
-either the output embedding itself (``constrained=True``, the 2018 paper's "constrained embedding": one
-item matrix, input size H) or its own table of size ``embedding``, or, with ``embedding=0`` and
-unconstrained, a table of size H (a one-hot input times an input matrix is a row lookup: the paper's
-one-hot input without materialising one-hot vectors). Dropout on the input embedding and on each
-layer's output, as in the official implementation.
-
-Hidden state: [layers, B, H]. A row whose session starts at this step must start from zeros:
-``forward_step(items, hidden, reset)`` zeroes the rows where ``reset`` is True before reading the input,
-so a reset row is exactly a fresh start. Input items < 0 (PAD, idle rows of a session-parallel batch)
-read item 0; their outputs are meaningless and must be masked by the caller.
-
-Initialisation follows the paper's code: Glorot-uniform per weight matrix (each GRU gate's block on its
-own), zero biases.
-
-Losses (section 3 of the 2018 paper). ``scores`` [B, M] hold each row's scores of M candidates: column
-``i`` of row ``i`` is its target (the mini-batch's targets come first, so each row's target is on the
-diagonal and the other rows' targets are its negatives), then the additional sampled negatives shared by
-the batch. ``mask`` [B, M] (True = usable) drops accidental hits: candidates equal to the row's target
-other than the diagonal. With r_i the target score and s_j = softmax over the usable negatives r_j:
-
-    cross-entropy   -log softmax(r - log_q)_i            (log_q optional: the sampling correction)
-    BPR-max         -log Σ_j s_j σ(r_i - r_j)  +  λ Σ_j s_j r_j²
-    TOP1-max        Σ_j s_j ( σ(r_j - r_i) + σ(r_j²) )
-
-Each returns the mean over rows with ``valid`` True (idle rows excluded) that have at least one usable
-negative (a row with none has nothing to rank against).
+:class:`GRU4RecRecommender` trains on user histories (``fit``) for top-N, or on sessions
+(``fit_session_scorer``) for the session protocol, whose scorer is :class:`GRU4RecScorer`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from pydantic import Field
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from torch import Tensor, nn
 
-EPS = 1e-24  # inside log(): keeps -log(0) finite, as the official code does
+from recsys_spark import tables as tb
+from recsys_spark.config import Section
+from recsys_spark.data.sequences import session_item_arrays, user_sequences
+from recsys_spark.data.session_batches import SessionData, SessionParallelBatches, Step, sessions_from_padded
+from recsys_spark.errors import RecsysError
+from recsys_spark.evaluate.sessions import ModuleScorer, ScoreFn, next_item_metrics
+from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.nn import gru4rec as g4r
+from recsys_spark.nn.gru4rec import GRU4Rec
+from recsys_spark.scoring import matrix_frame, sequence_vectors, similar_from_factors, top_k_from_factors
+from recsys_spark.tables import require_columns
+from recsys_spark.train.distributed import unwrap
+from recsys_spark.train.task import SampledTask, evaluating, model_device
+from recsys_spark.train.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SEQUENCES_DIR = "sequences"
+KEY = "_key"  # a training row's key: user_idx (user histories) or session_id (sessions)
 
 
-def _glorot_(weight: Tensor, blocks: int = 1) -> None:
-    """Glorot-uniform on each of ``blocks`` equal row blocks of ``weight`` (a GRU's gates)."""
-    with torch.no_grad():
-        for part in weight.chunk(blocks, dim=0):
-            bound = math.sqrt(6.0 / (part.shape[0] + part.shape[1]))
-            part.uniform_(-bound, bound)
+class GRU4RecNetParams(Section):
+    """GRU4Rec (Hidasi et al. 2016; Hidasi & Karatzoglou 2018). Defaults follow the official
+    implementation's best cross-entropy set-up on RSC15 (Yoochoose) with 100 units: constrained
+    embedding, batch 32, hidden dropout 0.4, 2048 sampled negatives with alpha 0.5, log-Q correction 1.
+    For BPR-max its parameter files use ELU 0.5 on the scores and a score regulariser of about 1-2."""
+
+    hidden: int = Field(100, gt=0)
+    layers: int = Field(1, gt=0)
+    embedding: int = Field(0, ge=0, description="input embedding size; 0 = hidden (one-hot-equivalent)")
+    constrained: bool = Field(True, description="input embedding = output item embedding")
+    dropout_embed: float = Field(0.0, ge=0, lt=1)
+    dropout_hidden: float = Field(0.4, ge=0, lt=1)
+    loss: Literal["ce", "bpr-max", "top1-max"] = "ce"
+    parallel: int = Field(32, gt=0, description="session-parallel rows (the paper's mini-batch size)")
+    n_sample: int = Field(2048, ge=0, description="extra negatives per step, shared by its rows")
+    sample_alpha: float = Field(0.5, ge=0, le=1, description="negatives ∝ count ** alpha")
+    logq: float = Field(1.0, ge=0, description="ce only: weight of the log-Q sampling correction")
+    bpreg: float = Field(1.0, ge=0, description="bpr-max only: score regularisation λ")
+    elu_param: float = Field(0.0, ge=0, description="ELU alpha on scores before bpr-max; 0 = none")
+    truncate_bptt: bool = Field(True, description="detach the hidden state after every step")
+    max_length: int = Field(50, ge=2, description="items kept per session in the fixed-length column")
+    seed: int = 42
+
+    removed_keys: ClassVar[dict[str, str]] = {
+        **{key: f"the pipeline trains with train.{key}; the one-process fit_session_parallel takes a PaperSchedule"
+           for key in ("optimizer", "lr", "epochs")},
+        "momentum": "only the one-process fit_session_parallel used it: PaperSchedule(momentum=...)",
+        "batch_sessions": "sessions per batch are train.batch_size",
+    }
 
 
-class GRU4Rec(nn.Module):
-    """``init_kwargs`` holds the constructor arguments (JSON): ``GRU4Rec(**init_kwargs)`` rebuilds it."""
+class PaperSchedule(Section):
+    """The official implementation's optimisation, for :func:`fit_session_parallel`: one optimiser step
+    per session-parallel step, Adagrad (with momentum) by default. The pipeline trains through the shared
+    trainer instead (``GRU4RecParams.train``)."""
 
-    def __init__(self, n_items: int, hidden: int = 100, layers: int = 1, embedding: int = 0,
-                 constrained: bool = True, dropout_embed: float = 0.0, dropout_hidden: float = 0.0) -> None:
-        super().__init__()
-        if n_items < 1 or hidden < 1 or layers < 1 or embedding < 0:
-            raise ValueError("n_items, hidden and layers must be >= 1 and embedding >= 0")
-        self.init_kwargs = {"n_items": n_items, "hidden": hidden, "layers": layers, "embedding": embedding,
-                            "constrained": constrained, "dropout_embed": dropout_embed,
-                            "dropout_hidden": dropout_hidden}
-        self.n_items, self.hidden, self.layers, self.constrained = n_items, hidden, layers, constrained
-        self.out_emb = nn.Embedding(n_items, hidden)  # W: output item embeddings
-        self.out_bias = nn.Embedding(n_items, 1)  # b
-        if constrained:
-            self.in_emb = None  # the input embedding is W itself
-            d_in = hidden
+    optimizer: Literal["adagrad", "adam"] = "adagrad"
+    lr: float = Field(0.2, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="adagrad only")
+    epochs: int = Field(10, gt=0)
+
+
+class AdagradM(torch.optim.Optimizer):
+    """Adagrad with momentum, the optimiser of the official GRU4Rec: the accumulator G += g², the step
+    v = μ v - lr g / sqrt(G + ε), θ += v (μ = 0 is plain Adagrad with ε inside the square root)."""
+
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.0, eps: float = 1e-6) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["acc"] = torch.zeros_like(p)
+                    state["velocity"] = torch.zeros_like(p)
+                state["acc"].add_(p.grad.pow(2))
+                update = p.grad / (state["acc"] + group["eps"]).sqrt()
+                state["velocity"].mul_(group["momentum"]).sub_(update, alpha=group["lr"])
+                p.add_(state["velocity"])
+
+
+def make_optimizer(model: nn.Module, schedule: PaperSchedule) -> torch.optim.Optimizer:
+    if schedule.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=schedule.lr)
+    return AdagradM(model.parameters(), lr=schedule.lr, momentum=schedule.momentum)
+
+
+class GRU4RecTask(SampledTask):
+    """GRU4Rec on whole sessions (``items`` [R, L], PAD = -1); see the module docstring for the layout.
+
+    ``holdout_sessions`` (item lists) are scored with the next-item protocol (Recall@20, MRR@20).
+    ``loss`` steps the GRU through ``forward_step``, not ``forward`` (``ddp_forward = False``): under the
+    ``torch`` backend the model is not wrapped in DDP and the optimizer averages the gradients instead.
+    """
+
+    columns = [tb.ITEMS]
+    ddp_forward = False
+
+    def __init__(self, params: GRU4RecNetParams, n_items: int, item_counts: np.ndarray | None = None,
+                 holdout_sessions: Sequence[Sequence[int]] | None = None, k: int = 20) -> None:
+        if params.n_sample > 0 and item_counts is None:
+            raise ValueError("sampled negatives (n_sample > 0) need item_counts")
+        super().__init__(params.seed, n_items, item_counts, params.sample_alpha, None)
+        self.params, self.k = params, k
+        self._counts: dict[torch.device, Tensor] = {}
+        self.holdout_sessions = None if holdout_sessions is None else SessionData.from_lists(holdout_sessions)
+
+    def build_model(self) -> nn.Module:
+        p = self.params
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
+            torch.manual_seed(p.seed)
+            return GRU4Rec(self.n_items, hidden=p.hidden, layers=p.layers, embedding=p.embedding,
+                           constrained=p.constrained, dropout_embed=p.dropout_embed, dropout_hidden=p.dropout_hidden)
+
+    def step_loss(self, model: nn.Module, step: Step | tuple[Tensor, Tensor, Tensor, Tensor],
+                  hidden: Tensor | None) -> tuple[Tensor, Tensor, int]:
+        """The loss of one session-parallel step: (mean loss over its active rows, new hidden, #events).
+
+        Candidates: the active rows' targets (row i's target in column i) then ``n_sample`` negatives
+        drawn ∝ count ** alpha for the whole step; accidental hits (a candidate equal to the row's
+        target off the diagonal) are masked out.
+        """
+        p = self.params
+        inputs, targets, reset, active = (torch.as_tensor(x) for x in step)
+        device = model_device(model)
+        inputs, targets, reset, active = (x.to(device) for x in (inputs, targets, reset, active))
+        out, hidden = model.forward_step(inputs, hidden, reset)  # [B, H], [layers, B, H]
+        rows = active.nonzero().squeeze(1)  # [b]
+        target = targets[rows]  # [b]
+        candidates, log_q = target, None
+        if p.n_sample > 0:
+            sample = self.sample("popularity", (p.n_sample,), device)  # items [S]
+            candidates = torch.cat([target, sample.items])  # [b + S]
+        if p.loss == "ce" and p.logq > 0 and self.item_counts is not None:
+            log_q = p.logq * self._log_expected_draws(candidates, len(target), device)  # [b + S]
+        scores = unwrap(model).scores(out[rows], candidates)  # [b, b + S]
+        mask = candidates.unsqueeze(0) != target.unsqueeze(1)  # [b, b + S], True = usable negative
+        if p.loss == "ce":
+            loss = g4r.cross_entropy(scores, mask, log_q)
+        elif p.loss == "bpr-max":
+            loss = g4r.bpr_max(g4r.elu_scores(scores, p.elu_param), mask, reg=p.bpreg)
         else:
-            d_in = embedding or hidden
-            self.in_emb = nn.Embedding(n_items, d_in)
-        self.cells = nn.ModuleList([nn.GRUCell(d_in if i == 0 else hidden, hidden) for i in range(layers)])
-        self.drop_embed = nn.Dropout(dropout_embed)
-        self.drop_hidden = nn.Dropout(dropout_hidden)
-        _glorot_(self.out_emb.weight)
-        nn.init.zeros_(self.out_bias.weight)
-        if self.in_emb is not None:
-            _glorot_(self.in_emb.weight)
-        for cell in self.cells:
-            _glorot_(cell.weight_ih, blocks=3)
-            _glorot_(cell.weight_hh, blocks=3)
-            nn.init.zeros_(cell.bias_ih)
-            nn.init.zeros_(cell.bias_hh)
+            loss = g4r.top1_max(scores, mask)
+        if p.truncate_bptt:
+            hidden = hidden.detach()
+        return loss, hidden, int(rows.numel())
 
-    def init_hidden(self, batch: int, device: torch.device | str | None = None) -> Tensor:
-        """A fresh hidden state: zeros [layers, B, H]."""
-        return torch.zeros(self.layers, batch, self.hidden, device=device or self.out_emb.weight.device)
+    def _log_expected_draws(self, items: Tensor, n_targets: int, device: torch.device) -> Tensor:
+        """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j): the step's b targets arrive in
+        proportion to the counts c (they are the data), its S samples with q ∝ c ** alpha. Subtracting it
+        from the scores is the log-Q correction of sampled softmax, for both kinds of candidates alike."""
+        counts = self._counts_on(device)
+        expected = n_targets * counts[items] / counts.sum()
+        if self.params.n_sample > 0:
+            expected = expected + self.params.n_sample * self.probs(device)[items]
+        return torch.log(expected)
 
-    def embed(self, items: Tensor) -> Tensor:
-        """items [B] -> input embeddings [B, d_in]; PAD (< 0) reads item 0."""
-        items = items.long().clamp(min=0)
-        table = self.out_emb if self.in_emb is None else self.in_emb
-        return self.drop_embed(table(items))
+    def _counts_on(self, device: torch.device) -> Tensor:
+        device = torch.device(device)
+        if device not in self._counts:
+            self._counts[device] = torch.as_tensor(self.item_counts, dtype=torch.float32, device=device)
+        return self._counts[device]
 
-    def forward_step(self, items: Tensor, hidden: Tensor | None = None,
-                     reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One step: items [B], hidden [layers, B, H] (None = fresh), reset [B] bool (rows to zero first)
-        -> (output h_t [B, H], new hidden [layers, B, H])."""
-        if hidden is None:
-            hidden = self.init_hidden(items.shape[0], items.device)
-        if reset is not None:
-            hidden = hidden * (~reset.bool()).to(hidden.dtype).view(1, -1, 1)  # reset rows start from zeros
-        x = self.embed(items)  # [B, d_in]
-        new = []
-        for layer, cell in enumerate(self.cells):
-            x = cell(x, hidden[layer])  # [B, H]
-            new.append(x)
-            x = self.drop_hidden(x)
-        return x, torch.stack(new)  # [B, H], [layers, B, H]
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_counts"] = {}
+        return state
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """A batch of sessions from a fresh state: seq [B, L] (left-aligned; PAD after the end is read as
-        item 0 and its outputs are to be ignored) -> outputs [B, L, H] (row t scores item t + 1)."""
-        hidden, outputs = None, []
-        for t in range(seq.shape[1]):
-            out, hidden = self.forward_step(seq[:, t], hidden)
-            outputs.append(out)
-        return torch.stack(outputs, dim=1)
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        sessions = sessions_from_padded(batch[tb.ITEMS].cpu().numpy())
+        total, events, hidden = None, 0, None
+        for step in SessionParallelBatches(sessions, self.params.parallel):
+            loss, hidden, n = self.step_loss(model, step, hidden)
+            total = loss * n if total is None else total + loss * n
+            events += n
+        if total is None:  # no session with two items in this batch: a zero loss with a gradient path
+            return sum(p.sum() for p in model.parameters()) * 0.0
+        return total / events
 
-    def user_embedding(self, seq: Tensor) -> Tensor:
-        """The last output over each row's items read as one session from a fresh state: seq [B, L] with
-        PAD (< 0) anywhere, e.g. left-padded ``silver/sequences`` -> h [B, H]; PAD positions leave the
-        state unchanged, and a row of only PAD gives zeros. ``scores(h)`` ranks the next item."""
-        hidden = self.init_hidden(seq.shape[0], seq.device)  # [layers, B, H]
-        out = hidden[-1]  # [B, H]
-        for t in range(seq.shape[1]):
-            step_out, new = self.forward_step(seq[:, t], hidden)
-            real = seq[:, t] >= 0  # [B]
-            hidden = torch.where(real.view(1, -1, 1), new, hidden)
-            out = torch.where(real.view(-1, 1), step_out, out)
-        return out
-
-    def scores(self, out: Tensor, items: Tensor | None = None) -> Tensor:
-        """out [B, H] -> r [B, M] against ``items`` [M], or [B, n_items] against the catalogue."""
-        if items is None:
-            return out @ self.out_emb.weight.T + self.out_bias.weight.T  # [B, n_items]
-        items = items.long()
-        return out @ self.out_emb(items).T + self.out_bias(items).T  # [B, M]
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        if self.holdout_sessions is None:
+            return {}
+        inner = unwrap(model)
+        with evaluating(inner):
+            scorer = GRU4RecScorer.from_model(inner, live=True)
+            values = next_item_metrics(scorer.start(256), self.holdout_sessions, ks=[self.k])
+        return {key: v for key, v in values.items() if "@" in key}
 
 
-# ----------------------------------------------------------------------------------------------- losses
+def fit_session_parallel(task: GRU4RecTask, sessions: SessionData | Sequence[Sequence[int]],
+                         schedule: PaperSchedule | None = None, model: nn.Module | None = None,
+                         device: str | torch.device = "cpu",
+                         shuffle: bool = False) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train GRU4Rec the paper's way in one process: one optimiser step per session-parallel step.
+
+    Sessions are read in the given order (time order of their starts, as in the paper), or shuffled per
+    epoch. Returns the model and one row per epoch: mean loss per event, events/s, seconds and the
+    task's validation metrics. Raises ``FloatingPointError`` when the loss is not finite.
+    """
+    p = task.params
+    data = sessions if isinstance(sessions, SessionData) else SessionData.from_lists(sessions)
+    model = (model or task.build_model()).to(device)
+    schedule = schedule or PaperSchedule()
+    optimizer = make_optimizer(model, schedule)
+    task.seed_negatives(p.seed)
+    batches = SessionParallelBatches(data, p.parallel, shuffle=shuffle, seed=p.seed)
+    history = []
+    for epoch in range(schedule.epochs):
+        model.train()
+        started, loss_sum, events, hidden = time.perf_counter(), 0.0, 0, None
+        for step in batches:
+            optimizer.zero_grad()
+            loss, hidden, n = task.step_loss(model, step, hidden)
+            loss.backward()
+            optimizer.step()
+            hidden = hidden.detach()
+            loss_sum += float(loss.detach()) * n
+            events += n
+        seconds = time.perf_counter() - started
+        mean = loss_sum / max(events, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"GRU4Rec loss is {mean} in epoch {epoch + 1}")
+        row = {"epoch": epoch + 1, "loss": mean, "events_per_s": events / seconds, "seconds": seconds}
+        row.update(task.validate(model))
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
+    return model, history
 
 
-def _mean(per_row: Tensor, valid: Tensor | None, usable: Tensor) -> Tensor:
-    """Mean over the rows that are valid and have at least one usable negative (0 if there are none)."""
-    keep = usable.any(dim=-1) if valid is None else (valid.bool() & usable.any(dim=-1))
-    per_row = torch.where(keep, per_row, torch.zeros_like(per_row))  # no NaN/inf from dropped rows
-    return per_row.sum() / keep.sum().clamp_min(1).to(per_row.dtype)
+class GRU4RecParams(TorchParams):
+    """Hyper-parameters of ``gru4rec`` (``conf/models/gru4rec.yaml``), trained through the shared trainer:
+    a batch is ``train.batch_size`` whole sequences (sessions), run session-parallel over ``net.parallel``
+    rows; 64 per batch with Adam at lr 0.005 matched the paper's schedule on a Yoochoose validation split
+    (``scripts/bench_sessions.py``). Validation: the whole sequences of ``validation_users`` users (or
+    sessions), held out of training and scored with the next-item protocol (recall@20, mrr@20, ndcg@20).
+    Every backend works: the GRU is stepped outside ``forward``, so under ``torch`` the network is not
+    wrapped in DDP and the optimizer averages the gradients over the ranks before each step
+    (``GRU4RecTask.ddp_forward``)."""
+
+    net: GRU4RecNetParams = GRU4RecNetParams()
+    train: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=0.005, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="recall@20", patience=3)
 
 
-def _target_columns(scores: Tensor) -> Tensor:
-    """[B, M] bool, True at (i, i): each row's target column."""
-    B, M = scores.shape
-    eye = torch.zeros(B, M, dtype=torch.bool, device=scores.device)
-    eye[:, :B] = torch.eye(B, dtype=torch.bool, device=scores.device)
-    return eye
+class GRU4RecRecommender(TorchRecommender):
+    """GRU4Rec at the user level: each user's train items in time order (first interaction; the last
+    ``net.max_length``, as ``user_sequences`` cuts them) are one long session.
+
+    ``recommend`` runs the GRU over each user's sequence on the executors; the final output h scores item
+    j as ``<h, W_j> + b_j``, expressed as user factors ``[h, 1]`` and item factors ``[W_j, b_j]`` so the
+    shared dot-product top-k applies (and gold/*_embeddings get those vectors). :meth:`fit_sessions`
+    trains the same network on real sessions (``silver/sessions``) for the next-item protocol; such a
+    model scores sessions (:meth:`scorer`), not users.
+    """
+
+    name = "gru4rec"
+    network = GRU4Rec
+    params_class = GRU4RecParams
+
+    def __init__(self, params: GRU4RecParams | None = None) -> None:
+        super().__init__(params)
+        self._sequences: DataFrame | None = None  # (user_idx, items, length): what recommend encodes
+        self._rows: DataFrame | None = None  # training rows (_key, items, length)
+        self._min_items = 0
+
+    def _fit(self, train: DataFrame) -> None:
+        require_columns(train, [tb.FIRST_TS], "gru4rec training data")
+        self._sequences = user_sequences(train, self.params.net.max_length).localCheckpoint()
+        self._rows = self._sequences.withColumnRenamed(tb.USER_IDX, KEY)
+        self._min_items = 0
+        super()._fit(train)
+
+    def fit_sessions(self, sessions: DataFrame, n_items: int | None = None) -> GRU4RecRecommender:
+        """Train on sessions (``silver/sessions`` rows: session_id, user_idx, item_idx, position), each
+        session one sequence (its last ``net.max_length`` items). ``n_items``: the catalogue the scores
+        cover (default: the largest item_idx of ``sessions`` + 1); items of later sessions must be in it."""
+        require_columns(sessions, [tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.POSITION], "gru4rec sessions")
+        arrays = session_item_arrays(sessions, min_length=2, max_length=self.params.net.max_length)
+        self._rows = arrays.withColumnRenamed(tb.SESSION_ID, KEY).localCheckpoint()
+        self._sequences = None
+        self._min_items = n_items or 0
+        super()._fit(sessions.select(tb.USER_IDX, tb.ITEM_IDX))
+        return self
+
+    def fit_session_scorer(self, sessions: DataFrame, n_items: int) -> GRU4RecScorer:
+        return self.fit_sessions(sessions, n_items).scorer()
+
+    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
+        return n_users, max(n_items, self._min_items)
+
+    def _training_data(self, train: DataFrame):
+        rows = self._rows.filter(F.col(tb.LENGTH) >= 2)  # one item: no (input, target) pair
+        n_val = self.params.validation_users
+        holdout = None
+        if n_val:
+            n_rows = rows.count()
+            if n_val > n_rows // 5:
+                log.warning("%s: %d sequences; holding out %d instead of validation_users=%d", self.name,
+                            n_rows, n_rows // 5, n_val)
+                n_val = n_rows // 5
+            val = self._validation_users(rows, key=KEY).limit(n_val).select(KEY, F.lit(True).alias("_val"))
+            marked = rows.join(val, KEY, "left")
+            held = marked.filter(F.col("_val").isNotNull()).orderBy(KEY).select(tb.ITEMS).collect()
+            log.info("%s: collected %d validation sequences to the driver", self.name, len(held))
+            holdout = [[i for i in row[0] if i != tb.PAD_IDX] for row in held] or None
+            rows = marked.filter(F.col("_val").isNull())
+        return rows.select(tb.ITEMS), holdout
+
+    def _task(self, item_counts, holdout):
+        return GRU4RecTask(self.params.net, self.n_items, item_counts, holdout_sessions=holdout, k=20)
+
+    def scorer(self) -> GRU4RecScorer:
+        """The trained network as a session scorer (weights as numpy, broadcastable)."""
+        return GRU4RecScorer(self.snapshot())
+
+    def _user_vectors(self, users: DataFrame) -> DataFrame:
+        """(user_idx, embedding [h, 1]): the GRU's final output over each user's sequence."""
+        if self._sequences is None:
+            raise RecsysError("this gru4rec model was trained on sessions (fit_sessions): it scores sessions "
+                              "(scorer()), not users")
+        return sequence_vectors(self._sequences, users, self._broadcast_network(users.sparkSession),
+                                self.users_per_block, append_one=True)
+
+    def user_factors(self) -> DataFrame | None:
+        return None if self._sequences is None else self._user_vectors(self._users)
+
+    def item_factors(self) -> DataFrame:
+        """(item_idx, [W_j, b_j]): output embedding and bias, so that ``[h, 1] . [W_j, b_j]`` is the score."""
+        w = self.module.out_emb.weight.detach().cpu().numpy()  # [n_items, H]
+        b = self.module.out_bias.weight.detach().cpu().numpy()  # [n_items, 1]
+        return matrix_frame(self._users.sparkSession, np.concatenate([w, b], axis=1), tb.ITEM_IDX)
+
+    def _recommend(self, users, k, seen, exclude_items):
+        return top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
+                                  self.users_per_block)
+
+    def _similar_items(self, k: int) -> DataFrame:
+        """Cosine of the output embeddings W alone: the bias b says how popular an item is, not what it is like."""
+        w = matrix_frame(self._users.sparkSession, self.module.out_emb.weight.detach().cpu().numpy(), tb.ITEM_IDX)
+        return similar_from_factors(w, k, self.users_per_block)
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"level": "users" if self._sequences is not None else "sessions"}
+
+    def _save_extra(self, path: str) -> None:
+        if self._sequences is not None:
+            self._sequences.write.mode("overwrite").parquet(os.path.join(path, SEQUENCES_DIR))
+
+    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
+        if meta.get("level", "users") == "users":
+            self._sequences = spark.read.parquet(os.path.join(path, SEQUENCES_DIR))
 
 
-def _targets_and_negatives(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(target scores r_i [B], usable-negative mask [B, M]): the diagonal is the target, never a negative."""
-    eye = _target_columns(scores)
-    usable = ~eye if mask is None else (mask.bool() & ~eye)
-    return scores.diagonal(), usable
+class GRU4RecScorer(ModuleScorer):
+    """A trained GRU4Rec as a scorer: the hidden state of each row is carried from step to step and
+    reset where a row starts a new session."""
 
+    def start(self, batch_size: int) -> ScoreFn:
+        model = self.model()
+        device = self.device
+        state: dict[str, Any] = {"hidden": None}
 
-def negative_softmax(scores: Tensor, usable: Tensor) -> Tensor:
-    """s_j: softmax of each row's scores over its usable negatives only, [B, M] (0 elsewhere)."""
-    masked = scores.masked_fill(~usable, float("-inf"))
-    # A row without usable negatives would be softmax(all -inf) = NaN, whose backward poisons the batch
-    # even with a zero upstream gradient: give it finite scores, then zero its weights.
-    masked = torch.where(usable.any(dim=-1, keepdim=True), masked, torch.zeros_like(scores))
-    return torch.softmax(masked, dim=-1) * usable
+        @torch.no_grad()
+        def score(inputs: np.ndarray, reset: np.ndarray) -> np.ndarray:
+            items = torch.from_numpy(np.asarray(inputs, dtype=np.int64)).to(device)
+            out, state["hidden"] = model.forward_step(items, state["hidden"],
+                                                      torch.from_numpy(np.asarray(reset)).to(device))
+            return model.scores(out).float().cpu().numpy()  # [B, n_items]
 
-
-def cross_entropy(scores: Tensor, mask: Tensor | None = None, log_q: Tensor | None = None,
-                  valid: Tensor | None = None) -> Tensor:
-    """-log softmax(r - log_q)_i over the target and the usable negatives; log_q [M] or [B, M] is the
-    log-probability with which each candidate was drawn (subtracting it corrects for popular items being
-    negatives more often); None for no correction."""
-    logits = scores if log_q is None else scores - log_q  # [B, M]
-    _, usable = _targets_and_negatives(scores, mask)
-    logits = logits.masked_fill(~(usable | _target_columns(scores)), float("-inf"))
-    per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal()  # [B]
-    return _mean(per_row, valid, usable)
-
-
-def bpr_max(scores: Tensor, mask: Tensor | None = None, reg: float = 1.0, valid: Tensor | None = None) -> Tensor:
-    """-log Σ_j s_j σ(r_i - r_j) + λ Σ_j s_j r_j² (BPR-max with score regularisation, λ = ``reg``)."""
-    target, usable = _targets_and_negatives(scores, mask)
-    s = negative_softmax(scores, usable)  # [B, M]
-    ranking = (s * torch.sigmoid(target.unsqueeze(1) - scores)).sum(-1)  # [B]
-    per_row = -torch.log(ranking + EPS) + reg * (s * scores.pow(2)).sum(-1)
-    return _mean(per_row, valid, usable)
-
-
-def top1_max(scores: Tensor, mask: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
-    """Σ_j s_j (σ(r_j - r_i) + σ(r_j²)) (TOP1-max; the σ(r_j²) term pushes negative scores to 0)."""
-    target, usable = _targets_and_negatives(scores, mask)
-    s = negative_softmax(scores, usable)  # [B, M]
-    per_row = (s * (torch.sigmoid(scores - target.unsqueeze(1)) + torch.sigmoid(scores.pow(2)))).sum(-1)
-    return _mean(per_row, valid, usable)
-
-
-def elu_scores(scores: Tensor, alpha: float) -> Tensor:
-    """The official implementation's final activation for BPR-max: ELU(r, alpha); 0 = identity."""
-    return F.elu(scores, alpha) if alpha > 0 else scores
+        return score

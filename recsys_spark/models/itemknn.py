@@ -24,7 +24,7 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json, write_json
-from recsys_spark.recommend import SIMILAR_ITEM_IDX
+from recsys_spark.tables import SIMILAR_ITEM_IDX
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,10 @@ class ItemKNNRecommender(Recommender):
     """Item-item neighbourhood model; the neighbour table is its whole state besides the histories."""
 
     name = "itemknn"
+    params_class = ItemKNNParams
 
     def __init__(self, params: ItemKNNParams | None = None) -> None:
-        super().__init__(params or ItemKNNParams())
+        super().__init__(params)
         self._neighbours: DataFrame | None = None
         self._history: DataFrame | None = None
 

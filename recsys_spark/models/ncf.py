@@ -1,182 +1,134 @@
-"""Neural collaborative filtering (He et al. 2017, "Neural Collaborative Filtering"): GMF, MLP and NeuMF.
+"""NCF (He et al. 2017): GMF, MLP or NeuMF on (user, item) pairs with sampled negatives.
 
-Inputs are index-space ids: users in 0..n_users-1, items in 0..n_items-1 (no padding here). ``forward``
-takes ``users`` and ``items`` of the same (or broadcastable) shape [*] and returns logits [*] (apply a
-sigmoid for the paper's ŷ), so one call scores a positive and its negatives: users [B, 1] with items
-[B, 1 + n]. Each class keeps its constructor arguments in ``init_kwargs`` (JSON-serialisable), so a
-checkpoint is ``state_dict`` + ``init_kwargs`` and ``cls(**init_kwargs)`` rebuilds the module.
-
-Initialisation. GMF embeddings are N(0, 0.01) as in the paper. The MLP's embeddings keep PyTorch's
-N(0, 1): with N(0, 0.01) inputs the first layer's pre-activations are its biases, the ReLU tower is
-linear in the embeddings, hence additive in user and item, and training sits at that saddle without
-learning any user-item interaction (observed on the test suite's three-group task: MLP stays at the
-base-rate loss for hundreds of steps, NeuMF is carried by its GMF half). Linear layers keep PyTorch's
-default (Kaiming-uniform).
+The networks are ``recsys_spark.nn.ncf``. Training (:class:`NCFTask`): each train pair is a positive
+scored against ``n_negatives`` items drawn inside the loop (uniform or by popularity, never the
+positive), with BCE or BPR. Validation: each of ``validation_users`` users' latest train item is held
+out and ranked against the whole catalogue. Recommending runs the network over every item for blocks of
+users on the executors (``score_all``); the GMF half's embeddings go to the embedding tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Literal
 
+import numpy as np
+import pandas as pd
 import torch
+from pydantic import Field, model_validator
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from torch import Tensor, nn
 
+from recsys_spark import tables as tb
+from recsys_spark.config import Section
+from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.nn.ncf import GMF, MLP, NeuMF
+from recsys_spark.scoring import executor_module, matrix_frame, top_k_from_scores
+from recsys_spark.train import losses
+from recsys_spark.train.task import Holdout, SampledTask
+from recsys_spark.train.trainer import TrainConfig
 
-def _tower(layers: Sequence[int], dropout: float) -> nn.Sequential:
-    """The MLP tower: layers[0] -> layers[1] -> ... -> layers[-1], ReLU (and dropout) after each."""
-    modules: list[nn.Module] = []
-    for d_in, d_out in zip(layers[:-1], layers[1:], strict=True):
-        modules += [nn.Linear(d_in, d_out), nn.ReLU()]
-        if dropout > 0:
-            modules.append(nn.Dropout(dropout))
-    return nn.Sequential(*modules)
-
-
-def _check_layers(layers: Sequence[int]) -> list[int]:
-    layers = [int(x) for x in layers]
-    if len(layers) < 1 or any(x <= 0 for x in layers) or layers[0] % 2:
-        raise ValueError(f"mlp layers must be positive sizes with an even first one (user + item), got {layers}")
-    return layers
+NETWORKS: dict[str, type[nn.Module]] = {"gmf": GMF, "mlp": MLP, "neumf": NeuMF}
 
 
-class _NCF(nn.Module):
-    """Shared by the three models: full-catalogue scoring and the embedding export."""
+class NCFNetParams(Section):
+    """The network and its loss. Defaults follow the paper's set-up (4 negatives per positive)."""
 
-    n_users: int
-    n_items: int
+    model: Literal["gmf", "mlp", "neumf"] = "neumf"
+    mf_dim: int = Field(32, gt=0, description="GMF embedding size")
+    mlp_layers: list[int] = Field(default_factory=lambda: [64, 32, 16],
+                                  description="MLP tower sizes; the first is user + item embedding")
+    dropout: float = Field(0.0, ge=0, lt=1, description="after each MLP layer")
+    loss: Literal["bce", "bpr"] = "bce"
+    n_negatives: int = Field(4, gt=0, description="sampled negatives per positive")
+    negatives: Literal["uniform", "popularity"] = "uniform"
+    popularity_exponent: float = Field(0.75, ge=0, description="q ∝ count ** exponent")
+    weighted: bool = Field(False, description="weigh each positive's loss by its interaction weight")
+    seed: int = Field(42, description="initial weights and negative sampling")
 
-    @torch.no_grad()
-    def score_all(self, users: Tensor, max_pairs: int = 1 << 20) -> Tensor:
-        """Logits of every item for each user: users [B] -> [B, n_items].
-
-        Scores item blocks of ``max_pairs // B`` items at a time, so memory stays bounded whatever the
-        catalogue size. Call ``eval()`` first (dropout).
-        """
-        device = users.device
-        block = max(1, max_pairs // max(1, users.shape[0]))
-        out = []
-        for start in range(0, self.n_items, block):
-            items = torch.arange(start, min(start + block, self.n_items), device=device)  # [b]
-            out.append(self(users.unsqueeze(1), items.unsqueeze(0)))  # [B, 1] x [1, b] -> [B, b]
-        return torch.cat(out, dim=1)  # [B, n_items]
-
-    def user_item_embeddings(self) -> tuple[Tensor, Tensor] | None:
-        """(users [n_users, d], items [n_items, d]) whose dot product is the model's bilinear part of the
-        logit, for the embedding tables and dot-product serving; None when the model has none."""
-        return None
+    @model_validator(mode="after")
+    def _layers(self) -> NCFNetParams:
+        if not self.mlp_layers or self.mlp_layers[0] % 2 or any(x <= 0 for x in self.mlp_layers):
+            raise ValueError("mlp_layers must be positive sizes with an even first one (user + item embedding)")
+        return self
 
 
-class GMF(_NCF):
-    """Generalised matrix factorisation: ``logit = hᵀ(p_u ⊙ q_i) + b``."""
+class NCFParams(TorchParams):
+    """Hyper-parameters of ``ncf`` (``conf/models/ncf.yaml``)."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 16) -> None:
-        super().__init__()
-        self.init_kwargs = {"n_users": n_users, "n_items": n_items, "dim": dim}
-        self.n_users, self.n_items = n_users, n_items
-        self.user_emb = nn.Embedding(n_users, dim)  # p_u
-        self.item_emb = nn.Embedding(n_items, dim)  # q_i
-        self.out = nn.Linear(dim, 1)  # h, b
-        nn.init.normal_(self.user_emb.weight, std=0.01)  # N(0, 0.01) as in the paper
-        nn.init.normal_(self.item_emb.weight, std=0.01)
-
-    def features(self, users: Tensor, items: Tensor) -> Tensor:
-        """users, items [*] -> p_u ⊙ q_i [*, dim]."""
-        return self.user_emb(users) * self.item_emb(items)
-
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        return self.out(self.features(users, items)).squeeze(-1)  # [*, dim] -> [*]
-
-    @torch.no_grad()
-    def score_all(self, users: Tensor, max_pairs: int = 1 << 20) -> Tensor:
-        """Exact shortcut for GMF: (p_u ⊙ h) @ Qᵀ + b, users [B] -> [B, n_items]."""
-        u = self.user_emb(users) * self.out.weight[0]  # [B, dim]
-        return u @ self.item_emb.weight.T + self.out.bias  # [B, n_items]
-
-    def user_item_embeddings(self) -> tuple[Tensor, Tensor]:
-        """(p_u ⊙ h [n_users, dim], q_i [n_items, dim]): their dot product is the logit minus the bias."""
-        with torch.no_grad():
-            return self.user_emb.weight * self.out.weight[0], self.item_emb.weight.clone()
+    net: NCFNetParams = NCFNetParams()
+    train: TrainConfig = TrainConfig(epochs=20, batch_size=256, lr=0.001, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="ndcg@10", patience=3)
 
 
-class MLP(_NCF):
-    """Multi-layer perceptron over the concatenated embeddings: ``logit = hᵀ tower([p_u; q_i]) + b``.
+class NCFTask(SampledTask):
+    """GMF, MLP or NeuMF on (user_idx, item_idx, weight) rows, n sampled negatives per positive."""
 
-    ``layers[0]`` is the concatenated embedding size (each embedding is ``layers[0] // 2``);
-    ``layers[-1]`` the predictive factors, e.g. (64, 32, 16, 8) as in the paper.
-    """
+    columns = [tb.USER_IDX, tb.ITEM_IDX, tb.WEIGHT]
 
-    def __init__(self, n_users: int, n_items: int, layers: Sequence[int] = (64, 32, 16),
-                 dropout: float = 0.0) -> None:
-        super().__init__()
-        layers = _check_layers(layers)
-        self.init_kwargs = {"n_users": n_users, "n_items": n_items, "layers": layers, "dropout": dropout}
-        self.n_users, self.n_items = n_users, n_items
-        self.user_emb = nn.Embedding(n_users, layers[0] // 2)
-        self.item_emb = nn.Embedding(n_items, layers[0] // 2)
-        self.tower = _tower(layers, dropout)
-        self.out = nn.Linear(layers[-1], 1)
-        # Embeddings keep PyTorch's N(0, 1): see the module docstring on initialisation.
+    def __init__(self, params: NCFNetParams, n_users: int, n_items: int, item_counts: np.ndarray | None = None,
+                 holdout: Holdout | None = None) -> None:
+        super().__init__(params.seed, n_items, item_counts, params.popularity_exponent, holdout)
+        self.params, self.n_users = params, n_users
 
-    def features(self, users: Tensor, items: Tensor) -> Tensor:
-        """users, items [*] -> tower output [*, layers[-1]]."""
-        u, i = torch.broadcast_tensors(self.user_emb(users), self.item_emb(items))  # [*, layers[0] // 2] each
-        return self.tower(torch.cat([u, i], dim=-1))  # [*, layers[0]] -> [*, layers[-1]]
+    def build_model(self) -> nn.Module:
+        p = self.params
+        shape = {"gmf": {"dim": p.mf_dim}, "mlp": {"layers": p.mlp_layers, "dropout": p.dropout},
+                 "neumf": {"mf_dim": p.mf_dim, "layers": p.mlp_layers, "dropout": p.dropout}}[p.model]
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
+            torch.manual_seed(p.seed)
+            return NETWORKS[p.model](self.n_users, self.n_items, **shape)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        return self.out(self.features(users, items)).squeeze(-1)  # [*]
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        users = batch[tb.USER_IDX].long()  # [B]
+        items = batch[tb.ITEM_IDX].long()  # [B]
+        neg = self.sample(self.params.negatives, (items.shape[0], self.params.n_negatives), items.device,
+                          positives=items)  # items [B, n], never the row's positive
+        candidates = torch.cat([items.unsqueeze(1), neg.items], dim=1)  # [B, 1 + n], the positive first
+        logits = model(users.unsqueeze(1), candidates)  # one forward: [B, 1] x [B, 1 + n] -> [B, 1 + n]
+        weight = batch[tb.WEIGHT].float() if self.params.weighted else None
+        loss_fn = losses.bpr if self.params.loss == "bpr" else losses.bce_sampled
+        return loss_fn(logits[:, 0], logits[:, 1:], weight)
 
 
-class NeuMF(_NCF):
-    """GMF and MLP with separate embeddings, fused in the last layer:
-    ``logit = hᵀ [p_u^G ⊙ q_i^G ; tower([p_u^M; q_i^M])] + b``."""
+class NCFRecommender(TorchRecommender):
+    """NCF (GMF, MLP or NeuMF) trained on (user, item) pairs with sampled negatives."""
 
-    def __init__(self, n_users: int, n_items: int, mf_dim: int = 16, layers: Sequence[int] = (64, 32, 16),
-                 dropout: float = 0.0) -> None:
-        super().__init__()
-        layers = _check_layers(layers)
-        self.init_kwargs = {"n_users": n_users, "n_items": n_items, "mf_dim": mf_dim, "layers": layers,
-                            "dropout": dropout}
-        self.n_users, self.n_items, self.mf_dim = n_users, n_items, mf_dim
-        self.mf_user_emb = nn.Embedding(n_users, mf_dim)
-        self.mf_item_emb = nn.Embedding(n_items, mf_dim)
-        self.mlp_user_emb = nn.Embedding(n_users, layers[0] // 2)
-        self.mlp_item_emb = nn.Embedding(n_items, layers[0] // 2)
-        self.tower = _tower(layers, dropout)
-        self.out = nn.Linear(mf_dim + layers[-1], 1)  # h = [h_GMF ; h_MLP]
-        nn.init.normal_(self.mf_user_emb.weight, std=0.01)  # as GMF; the MLP embeddings keep N(0, 1)
-        nn.init.normal_(self.mf_item_emb.weight, std=0.01)
+    name = "ncf"
+    params_class = NCFParams
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        mf = self.mf_user_emb(users) * self.mf_item_emb(items)  # [*, mf_dim]
-        u, i = torch.broadcast_tensors(self.mlp_user_emb(users), self.mlp_item_emb(items))
-        mlp = self.tower(torch.cat([u, i], dim=-1))  # [*, layers[-1]]
-        return self.out(torch.cat([mf, mlp], dim=-1)).squeeze(-1)  # [*, mf_dim + layers[-1]] -> [*]
+    def network_class(self) -> type[nn.Module]:
+        return NETWORKS[self.params.net.model]
 
-    @classmethod
-    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> NeuMF:
-        """NeuMF initialised from trained GMF and MLP (the paper's pre-training, section 3.4.1).
+    def _training_data(self, train: DataFrame):
+        fit_rows, held = self._hold_out_last(train)
+        holdout = None if held is None else self._holdout(held[tb.USER_IDX].to_numpy(), held)
+        return fit_rows.select(tb.USER_IDX, tb.ITEM_IDX, F.col(tb.WEIGHT).cast("float").alias(tb.WEIGHT)), holdout
 
-        Embeddings and tower are copied; the output layer is ``h = [α·h_GMF ; (1-α)·h_MLP]`` and the bias
-        ``α·b_GMF + (1-α)·b_MLP``, so the new model's logit is exactly ``α·GMF + (1-α)·MLP`` at the start.
-        """
-        if (gmf.n_users, gmf.n_items) != (mlp.n_users, mlp.n_items):
-            raise ValueError("GMF and MLP were trained on different user/item counts")
-        mlp_kwargs = mlp.init_kwargs
-        model = cls(gmf.n_users, gmf.n_items, mf_dim=gmf.init_kwargs["dim"], layers=mlp_kwargs["layers"],
-                    dropout=mlp_kwargs["dropout"])
-        with torch.no_grad():
-            model.mf_user_emb.weight.copy_(gmf.user_emb.weight)
-            model.mf_item_emb.weight.copy_(gmf.item_emb.weight)
-            model.mlp_user_emb.weight.copy_(mlp.user_emb.weight)
-            model.mlp_item_emb.weight.copy_(mlp.item_emb.weight)
-            model.tower.load_state_dict(mlp.tower.state_dict())
-            model.out.weight.copy_(torch.cat([alpha * gmf.out.weight, (1 - alpha) * mlp.out.weight], dim=1))
-            model.out.bias.copy_(alpha * gmf.out.bias + (1 - alpha) * mlp.out.bias)
-        return model
+    def _task(self, item_counts, holdout):
+        return NCFTask(self.params.net, self.n_users, self.n_items, item_counts, holdout)
 
-    def user_item_embeddings(self) -> tuple[Tensor, Tensor]:
-        """The GMF half only: (p_u^G ⊙ h_GMF [n_users, mf_dim], q_i^G [n_items, mf_dim]). Their dot product
-        is the GMF share of the logit, not the whole score (the MLP half has no dot-product form): use it
-        for the embedding tables and item similarity, and ``score_all`` for exact top-N."""
-        with torch.no_grad():
-            return self.mf_user_emb.weight * self.out.weight[0, : self.mf_dim], self.mf_item_emb.weight.clone()
+    def user_factors(self) -> DataFrame | None:
+        return self._factor_frame(0, tb.USER_IDX)
+
+    def item_factors(self) -> DataFrame | None:
+        return self._factor_frame(1, tb.ITEM_IDX)
+
+    def _factor_frame(self, side: int, idx_col: str) -> DataFrame | None:
+        pair = self.module.user_item_embeddings()
+        if pair is None:  # the MLP variant has no dot-product embeddings
+            return None
+        return matrix_frame(self._users.sparkSession, pair[side].detach().cpu().numpy(), idx_col)
+
+    def _recommend(self, users, k, seen, exclude_items):
+        network = self._broadcast_network(users.sparkSession)
+
+        def scores(part: pd.DataFrame) -> np.ndarray:
+            module = executor_module(network)
+            with torch.no_grad():
+                user_ids = torch.as_tensor(part[tb.USER_IDX].to_numpy(), dtype=torch.long)  # [U]
+                return module.score_all(user_ids).float().numpy()  # [U, n_items]
+
+        known = users.join(self._users, tb.USER_IDX, "left_semi")
+        return top_k_from_scores(known, scores, np.arange(self.n_items, dtype=np.int32), k, seen, exclude_items,
+                                 self.users_per_block)

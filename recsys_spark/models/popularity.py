@@ -14,7 +14,8 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import Recommender, read_json, require_columns, write_json
+from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,10 @@ class PopularityRecommender(Recommender):
     """
 
     name = "popularity"
+    params_class = PopularityParams
 
     def __init__(self, params: PopularityParams | None = None) -> None:
-        super().__init__(params or PopularityParams())
+        super().__init__(params)
         self._ranking: DataFrame | None = None
 
     def _fit(self, train: DataFrame) -> None:

@@ -1,125 +1,214 @@
-"""SASRec: self-attentive sequential recommendation (Kang & McAuley 2018), in one file.
+"""SASRec (Kang & McAuley 2018): causal self-attention over each user's time-ordered history.
 
-Input: ``seq`` [B, L] item indices as stored in ``silver/sequences``: items 0..n_items-1, left-padded
-with ``PAD_IDX = -1``, the most recent item last, L <= max_len.
-
-Padding. The embedding table has ``n_items + 1`` rows and ``token = item_idx + 1``, so ``PAD_IDX`` maps
-to token 0, the ``padding_idx`` row (the mapping is done once, at the top of ``forward``). Padded
-positions are zeroed after the embedding and after every block, and are masked out as attention keys,
-so what sits in padded positions, and how many there are, does not change the output at real positions.
-
-Positions. Learned embeddings, right-aligned: the last position of any input is ``max_len - 1``, the one
-before ``max_len - 2``, and so on, so a position embedding means "k steps before the end" whether the
-model sees the training input ``seq[:, :-1]`` or the full sequence at inference.
-
-Blocks. Pre-LN, as in the paper (section 3.3, ``g(x) = x + Dropout(g(LayerNorm(x)))``): causal
-multi-head self-attention then a position-wise two-layer ReLU feed-forward of width d, each a residual
-branch, and a final LayerNorm. Attention is ``F.scaled_dot_product_attention`` with a boolean mask built
-in ``forward`` (causal and key-padding).
-
-Output. The item embedding is shared with the output layer: ``logits = hidden @ E_itemsᵀ`` over the real
-items (rows 1..n_items), column j = item j.
+The network is ``recsys_spark.nn.sasrec``. Training (:class:`SASRecTask`): each user's train items in
+time order (first interaction), the last ``max_len``, left-padded; every position predicts the next item,
+with full-softmax cross-entropy (default), the paper's one-negative BCE, or a sampled softmax.
+Validation: each of ``validation_users`` users' latest train item is held out; the sequence before it
+ranks the whole catalogue, the user's other train items filtered. Recommending encodes each user's
+sequence on the executors (the last position's hidden state) and takes the dot product with the item
+embeddings (the output layer), so the embedding tables hold exactly what ranks. :class:`SASRecScorer`
+is the same network on the session protocol (``recsys_spark.evaluate.sessions``).
 """
 
 from __future__ import annotations
 
-import math
+import os
+from typing import Any, Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from pydantic import Field, model_validator
+from pyspark.sql import DataFrame, SparkSession
 from torch import Tensor, nn
 
-PAD_IDX = -1  # padding in silver/sequences; equal to recsys_spark.tables.PAD_IDX (no Spark import here)
+from recsys_spark import tables as tb
+from recsys_spark.config import Section
+from recsys_spark.data.sequences import user_sequences
+from recsys_spark.data.session_batches import PAD
+from recsys_spark.evaluate.sessions import ModuleScorer, ScoreFn
+from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.nn.sasrec import SASRec
+from recsys_spark.scoring import matrix_frame, sequence_vectors, top_k_from_factors
+from recsys_spark.tables import require_columns
+from recsys_spark.train import losses, negatives
+from recsys_spark.train.distributed import unwrap
+from recsys_spark.train.task import Holdout, SampledTask
+from recsys_spark.train.trainer import TrainConfig
+
+SEQUENCES_DIR = "sequences"
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if d % heads:
-            raise ValueError(f"d={d} must be divisible by heads={heads}")
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
+class SASRecNetParams(Section):
+    """The network and its loss. ``max_len`` matches ``interactions.max_sequence_length`` (the network
+    sees ``max_len - 1`` inputs in training, the whole sequence at inference); two blocks, one head,
+    dropout 0.2 as the paper used on MovieLens-1M, with d = 64. Full-softmax cross-entropy by default:
+    on catalogues of a few thousand items it costs little, and the loss matters more than the
+    architecture (Klenitskiy & Vasilev, RecSys 2023)."""
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        """x [B, L, d], allowed [B, 1, L, L] (True = query may attend key) -> [B, L, d]."""
-        B, L, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)  # [B, L, d] each
-        q, k, v = (t.view(B, L, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, h, L, d/h]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.dropout if self.training else 0.0)  # [B, h, L, d/h]
-        return self.proj(y.transpose(1, 2).reshape(B, L, d))
+    max_len: int = Field(50, ge=2)
+    d: int = Field(64, gt=0)
+    heads: int = Field(1, gt=0)
+    blocks: int = Field(2, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    loss: Literal["ce", "bce", "sampled_softmax"] = "ce"
+    n_negatives: int = Field(256, gt=0, description="sampled_softmax: negatives shared by the batch")
+    negatives: Literal["uniform", "popularity", "in_batch"] = Field(
+        "uniform", description="in_batch: the batch's other targets, only with sampled_softmax"
+    )
+    popularity_exponent: float = Field(0.75, ge=0)
+    seed: int = 42
 
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + Dropout(SA(LN(x))), then x + Dropout(FFN(LN(x)))."""
-
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads, dropout)
-        self.ffn_norm = nn.LayerNorm(d)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), allowed))  # [B, L, d]
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))  # [B, L, d]
+    @model_validator(mode="after")
+    def _consistent(self) -> SASRecNetParams:
+        if self.d % self.heads:
+            raise ValueError(f"d={self.d} must be divisible by heads={self.heads}")
+        if self.negatives == "in_batch" and self.loss != "sampled_softmax":
+            raise ValueError("negatives=in_batch needs loss=sampled_softmax")
+        return self
 
 
-class SASRec(nn.Module):
-    """Self-attentive sequential recommender. ``init_kwargs`` holds the constructor arguments (JSON)."""
+class SASRecTask(SampledTask):
+    """SASRec on left-padded sequences (``items`` [B, L], PAD_IDX = -1): input ``seq[:, :-1]``, target
+    ``seq[:, 1:]``; positions whose input or target is padding are left out of the loss."""
 
-    def __init__(self, n_items: int, max_len: int = 50, d: int = 64, heads: int = 1, blocks: int = 2,
-                 dropout: float = 0.2) -> None:
-        super().__init__()
-        self.init_kwargs = {"n_items": n_items, "max_len": max_len, "d": d, "heads": heads, "blocks": blocks,
-                            "dropout": dropout}
-        self.n_items, self.max_len, self.d = n_items, max_len, d
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # row 0 = padding, row i + 1 = item i
-        self.pos_emb = nn.Embedding(max_len, d)  # row max_len - 1 = the last position
-        self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(d, heads, dropout) for _ in range(blocks)])
-        self.final_norm = nn.LayerNorm(d)
-        nn.init.normal_(self.item_emb.weight, std=d**-0.5)  # x sqrt(d) in forward: unit-scale inputs
-        nn.init.normal_(self.pos_emb.weight, std=d**-0.5)  # not scaled: positions start as a small offset
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+    columns = [tb.ITEMS]
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """seq [B, L] item indices, PAD_IDX on the left -> hidden [B, L, d] (row t predicts item t + 1)."""
-        B, L = seq.shape
-        if L > self.max_len:
-            raise ValueError(f"sequence length {L} exceeds max_len {self.max_len}")
-        tokens = seq.long() - PAD_IDX  # PAD_IDX (-1) -> token 0, the padding row; item i -> token i + 1
-        real = (tokens > 0).unsqueeze(-1)  # [B, L, 1]
-        positions = torch.arange(self.max_len - L, self.max_len, device=seq.device)  # [L], right-aligned
-        x = self.item_emb(tokens) * math.sqrt(self.d) + self.pos_emb(positions)  # [B, L, d]
-        x = self.emb_dropout(x) * real
-        # Attention mask [B, 1, L, L], True = may attend: the key is not later than the query (causal) and
-        # is a real item. Each position may also see itself, so a padded query's row is never empty (no
-        # NaN); padded outputs are zeroed below and never used.
-        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # [L, L]
-        eye = torch.eye(L, dtype=torch.bool, device=seq.device)
-        allowed = ((causal.unsqueeze(0) & real.transpose(1, 2)) | eye).unsqueeze(1)  # [B, 1, L(query), L(key)]
-        for block in self.blocks:
-            x = block(x, allowed) * real  # [B, L, d]
-        return self.final_norm(x)  # [B, L, d]
+    def __init__(self, params: SASRecNetParams, n_items: int, item_counts: np.ndarray | None = None,
+                 holdout: Holdout | None = None) -> None:
+        super().__init__(params.seed, n_items, item_counts, params.popularity_exponent, holdout)
+        self.params = params
 
-    def item_embeddings(self) -> Tensor:
-        """The output embeddings of the real items, E_items [n_items, d] (row j = item j)."""
-        return self.item_emb.weight[1:]
+    def build_model(self) -> nn.Module:
+        p = self.params
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            return SASRec(self.n_items, max_len=p.max_len, d=p.d, heads=p.heads, blocks=p.blocks,
+                          dropout=p.dropout)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [*, d] -> scores of every item [*, n_items]."""
-        return hidden @ self.item_embeddings().T
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        seq = batch[tb.ITEMS].long()  # [B, L]
+        inputs, targets = seq[:, :-1], seq[:, 1:]  # [B, L-1] each: position t predicts item t + 1
+        valid = (inputs != tb.PAD_IDX) & (targets != tb.PAD_IDX)  # [B, L-1]
+        hidden = model(inputs)[valid]  # [N, d], N real (input, target) pairs
+        target = targets[valid]  # [N]
+        inner = unwrap(model)
+        if self.params.loss == "ce":
+            return losses.full_softmax_ce(inner.logits(hidden), target)  # logits [N, n_items]
+        emb = inner.item_embeddings()  # [n_items, d], shared with the input embedding
+        pos_logits = (hidden * emb[target]).sum(-1)  # [N]
+        if self.params.loss == "bce":  # the paper's loss: one negative per position
+            neg = self.sample(self.params.negatives, tuple(target.shape), seq.device, positives=target)  # [N]
+            return losses.bce_sampled(pos_logits, (hidden * emb[neg.items]).sum(-1))
+        if self.params.negatives == "in_batch":  # the other targets of the batch, masked where equal
+            neg = negatives.in_batch(target, self.probs(seq.device) if self.item_counts is not None else None)
+            pos_log_q = None if neg.log_q is None else torch.log(self.probs(seq.device)[target])
+            return losses.sampled_softmax(pos_logits, hidden @ emb[target].T, neg.log_q, pos_log_q, neg.mask)
+        # m negatives shared by the whole batch (one [N, d] x [d, m] product); accidental hits masked.
+        neg = self.sample(self.params.negatives, (self.params.n_negatives,), seq.device)  # [m]
+        neg_logits = hidden @ emb[neg.items].T  # [N, m]
+        hits = neg.items.unsqueeze(0) == target.unsqueeze(1)  # [N, m]
+        return losses.sampled_softmax(pos_logits, neg_logits, neg_log_q=neg.log_q, neg_mask=~hits)
 
-    def user_embedding(self, seq: Tensor) -> Tensor:
-        """seq [B, L] (the last max_len items are used) -> hidden state at the last position [B, d];
-        ``user_embedding(seq) @ item_embeddings().T`` scores the next item."""
-        return self(seq[:, -self.max_len:])[:, -1]
 
-    @torch.no_grad()
-    def score_all(self, seq: Tensor) -> Tensor:
-        """seq [B, L] -> next-item logits over the catalogue [B, n_items]. Call ``eval()`` first."""
-        return self.logits(self.user_embedding(seq))
+class SASRecParams(TorchParams):
+    """Hyper-parameters of ``sasrec`` (``conf/models/sasrec.yaml``)."""
+
+    net: SASRecNetParams = SASRecNetParams()
+    train: TrainConfig = TrainConfig(epochs=200, batch_size=128, lr=0.001, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="ndcg@10", patience=10)
+
+
+class SASRecRecommender(TorchRecommender):
+    """SASRec over each user's train sequence; recommends from the representation of the last position."""
+
+    name = "sasrec"
+    network = SASRec
+    params_class = SASRecParams
+
+    def __init__(self, params: SASRecParams | None = None) -> None:
+        super().__init__(params)
+        self._sequences: DataFrame | None = None  # (user_idx, items, length) of the whole train split
+
+    def _fit(self, train: DataFrame) -> None:
+        require_columns(train, [tb.FIRST_TS], "sasrec training data")
+        self._sequences = user_sequences(train, self.params.net.max_len).localCheckpoint()
+        super()._fit(train)
+
+    def _training_data(self, train: DataFrame):
+        # The hold-out's "latest" item is the last of the sequence: both order by first interaction.
+        fit_rows, held = self._hold_out_last(train, order=tb.FIRST_TS)
+        sequences = user_sequences(fit_rows, self.params.net.max_len)
+        holdout = None
+        if held is not None:
+            users = fit_rows.sparkSession.createDataFrame(held[[tb.USER_IDX]].astype("int32"))
+            inputs = sequences.join(users, tb.USER_IDX).orderBy(tb.USER_IDX).toPandas()  # before the target
+            held = held[held[tb.USER_IDX].isin(inputs[tb.USER_IDX])].reset_index(drop=True)
+            holdout = self._holdout(np.stack(inputs[tb.ITEMS].to_numpy()).astype(np.int64), held)
+        return sequences.select(tb.ITEMS), holdout
+
+    def _task(self, item_counts, holdout):
+        return SASRecTask(self.params.net, self.n_items, item_counts, holdout)
+
+    def _user_vectors(self, users: DataFrame) -> DataFrame:
+        """(user_idx, embedding): the last position's hidden state over each user's sequence."""
+        return sequence_vectors(self._sequences, users, self._broadcast_network(users.sparkSession),
+                                self.users_per_block)
+
+    def user_factors(self) -> DataFrame:
+        return self._user_vectors(self._users)
+
+    def item_factors(self) -> DataFrame:
+        return matrix_frame(self._users.sparkSession, self.module.item_embeddings().detach().cpu().numpy(),
+                            tb.ITEM_IDX)
+
+    def _recommend(self, users, k, seen, exclude_items):
+        return top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
+                                  self.users_per_block)
+
+    def _save_extra(self, path: str) -> None:
+        self._sequences.write.mode("overwrite").parquet(os.path.join(path, SEQUENCES_DIR))
+
+    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
+        self._sequences = spark.read.parquet(os.path.join(path, SEQUENCES_DIR))
+
+
+class SASRecScorer(ModuleScorer):
+    """A trained SASRec as a scorer. Each row keeps the last ``max_len`` items its session has read
+    (cleared where the row starts a new session); a query is scored as ``SASRecRecommender`` and
+    ``SASRecTask`` do: the left-padded sequence (PAD = -1, the most recent item last) through the
+    module, the last position's hidden state dotted with every item embedding. Only the rows that read
+    an item are run (idle rows score 0), over the widest of their histories: leading columns that are
+    padding in every row are dropped, which does not change the output (positions are right-aligned,
+    padding is masked)."""
+
+    def start(self, batch_size: int) -> ScoreFn:
+        import torch
+
+        model = self.model()
+        device = self.device
+        max_len = int(model.max_len)
+        state = {"seq": np.full((batch_size, max_len), PAD, dtype=np.int64),  # [B, max_len], left-padded
+                 "length": np.zeros(batch_size, dtype=np.int64)}  # [B] items held per row
+
+        @torch.no_grad()
+        def score(inputs: np.ndarray, reset: np.ndarray) -> np.ndarray:
+            inputs, reset = np.asarray(inputs, dtype=np.int64), np.asarray(reset, dtype=bool)
+            n = len(inputs)
+            if n > len(state["length"]):  # more rows than announced: grow, new rows empty
+                extra = n - len(state["length"])
+                state["seq"] = np.vstack([state["seq"], np.full((extra, max_len), PAD, dtype=np.int64)])
+                state["length"] = np.concatenate([state["length"], np.zeros(extra, dtype=np.int64)])
+            seq, length = state["seq"][:n], state["length"][:n]  # views
+            seq[reset], length[reset] = PAD, 0
+            rows = np.flatnonzero(inputs >= 0)
+            seq[rows, :-1] = seq[rows, 1:]  # shift left, append the new item
+            seq[rows, -1] = inputs[rows]
+            length[rows] = np.minimum(length[rows] + 1, max_len)
+            out = np.zeros((n, self.n_items), dtype=np.float32)
+            if len(rows):
+                width = int(length[rows].max())
+                batch = torch.from_numpy(np.ascontiguousarray(seq[rows, max_len - width:])).to(device)
+                out[rows] = model.score_all(batch).float().cpu().numpy()  # [b, n_items]
+            return out
+
+        return score

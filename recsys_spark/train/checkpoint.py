@@ -2,8 +2,8 @@
 
 A checkpoint holds tensors, dicts, lists, numbers and strings only: the model's state_dict, the
 optimizer's state_dict, the number of epochs completed, the per-epoch history, the best epoch so far, and
-the model's constructor arguments and the training config as JSON strings (STYLE 14: artifacts are not
-pickles). Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+the network's constructor arguments (``init_kwargs``) and the training config as JSON strings: artifacts are
+not pickles. Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
 
 Layout of a checkpoint directory: ``epoch-0001.pt``, ``epoch-0002.pt``, ... (one per completed epoch, the
 oldest pruned) and ``best.pt`` (a checkpoint of the best epoch by the validation metric).
@@ -34,7 +34,7 @@ class Checkpoint:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
     best_score: float | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,7 +57,7 @@ def save(path: str, checkpoint: Checkpoint) -> None:
         "history": checkpoint.history,
         "best_epoch": checkpoint.best_epoch,
         "best_score": checkpoint.best_score,
-        "model_args": json.dumps(checkpoint.model_args, sort_keys=True),
+        "init_kwargs": json.dumps(checkpoint.init_kwargs, sort_keys=True),
         "config": json.dumps(checkpoint.config, sort_keys=True),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -78,7 +78,7 @@ def load(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
         history=payload["history"],
         best_epoch=payload["best_epoch"],
         best_score=payload["best_score"],
-        model_args=json.loads(payload["model_args"]),
+        init_kwargs=json.loads(payload["init_kwargs"]),
         config=json.loads(payload["config"]),
     )
 

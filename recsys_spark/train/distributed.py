@@ -12,7 +12,7 @@ model stays bare and the optimizer averages every gradient over the ranks (one `
 parameter) right before each ``step``, as Horovod's ``DistributedOptimizer`` does for every model.
 
 ``train_fn`` and what it closes over are pickled and shipped to the ranks: close over the Petastorm
-converter and plain configs, never the SparkSession or a DataFrame (DESIGN section 7). A function defined
+converter and plain configs, never the SparkSession or a DataFrame. A function defined
 in a module the ranks cannot import (a script, a test file) must be registered with cloudpickle's
 ``register_pickle_by_value``.
 
@@ -25,11 +25,13 @@ torch and horovod are imported inside the functions: the driver side of ``launch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pyspark.sql import SparkSession
@@ -398,3 +400,28 @@ def _launch_torch(spark: SparkSession, train_fn: Callable[[DistContext], R], num
     if not isinstance(payload, bytes):
         raise RecsysError(f"TorchDistributor returned {type(payload).__name__}, not the ranks' results")
     return cloudpickle.loads(payload)
+
+
+@dataclass
+class Located:
+    """Runs a rank function and reports where it ran: ``(result, rank_location(rank))`` per rank, so a
+    run can show (and a test assert) that its ranks were separate processes on separate executors."""
+
+    train_fn: Callable[[DistContext], Any]
+
+    def __call__(self, ctx: DistContext) -> tuple[Any, dict[str, Any]]:
+        return self.train_fn(ctx), rank_location(ctx.rank)
+
+
+def rank_location(rank: int) -> dict[str, Any]:
+    """This process's id and host, and the pid of the Spark executor JVM it descends from (None on a
+    local master, where tasks run inside the driver)."""
+    import psutil
+
+    executor = None
+    for parent in psutil.Process().parents():
+        with contextlib.suppress(psutil.Error):
+            if "CoarseGrainedExecutorBackend" in " ".join(parent.cmdline()):
+                executor = parent.pid
+                break
+    return {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "executor_pid": executor}

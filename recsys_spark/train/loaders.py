@@ -3,8 +3,8 @@
 The driver calls :func:`materialize` (Parquet files under a cache dir, a few per rank) and ships the
 converter, a small picklable object, to the ranks. Each rank streams its own shard once with
 :func:`load_shard` into in-memory tensors and then serves every epoch from memory with :func:`batches`.
-Petastorm's per-row path is far slower than a GPU consumes rows (DESIGN section 7); scripts/bench_loader.py
-measures both paths.
+Petastorm's per-row path is far slower than a GPU consumes rows (docs/BENCHMARKS.md, "Petastorm loader":
+scripts/bench_loader.py measures both paths).
 
 Every rank must run the same number of steps or collectives hang, so ``steps`` is computed on the driver
 (:func:`steps_per_epoch`) and :func:`batches` yields exactly that many batches whatever the shard size.

@@ -1,5 +1,4 @@
-"""Negative samplers, drawn inside the training loop (DESIGN section 5: negatives are never materialised in
-Spark).
+"""Negative samplers, drawn inside the training loop: negatives are never materialised in Spark.
 
 Every sampler draws on the device of its ``torch.Generator`` (create the generator on the batch's device),
 so a training step needs no host round-trip and a fixed seed gives the same negatives. Each returns a

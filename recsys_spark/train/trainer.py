@@ -16,6 +16,7 @@ every rank stops after the same epoch: a rank that leaves early would hang the o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -61,8 +62,9 @@ class TrainTask(Protocol):
     ``validate(model)``: metrics on the validation data, higher is better (e.g. ``{"ndcg@10": 0.1}``),
     or ``{}``. Runs on rank 0 only, in eval mode under ``torch.no_grad``, with the unwrapped model.
 
-    Optionally ``model_args``: a JSON-serialisable dict of the model's constructor arguments, recorded
-    in checkpoints (and checked on resume).
+    ``build_model()`` returns the network; when it carries ``init_kwargs`` (its constructor arguments
+    as JSON, as every network of ``recsys_spark.nn`` does), they are recorded in each checkpoint and a
+    resume from a checkpoint of another architecture is refused.
     """
 
     columns: list[str]
@@ -123,7 +125,7 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int | None
     stopped_early: bool = False
-    model_args: dict[str, Any] = field(default_factory=dict)
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -162,16 +164,16 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
     """
     if steps_per_epoch < 1:
         raise RecsysError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    model_args = dict(getattr(task, "model_args", {}) or {})
     torch.manual_seed(config.seed)  # the same initial weights everywhere; the broadcast below makes sure
     model = task.build_model().to(ctx.device)
+    init_kwargs = json.loads(json.dumps(getattr(model, "init_kwargs", {})))  # as a checkpoint reads it back
     optimizer = make_optimizer(model, config)
     step_model, optimizer = ctx.prepare(model, optimizer, ddp_forward=getattr(task, "ddp_forward", True))
 
     progress, best_state, error = _Progress(), None, None
     if ctx.is_main and config.resume:
         try:
-            progress, best_state = _restore(model, optimizer, config, model_args)
+            progress, best_state = _restore(model, optimizer, config, init_kwargs)
         except Exception as exc:
             error = f"cannot resume from {config.checkpoint_dir}: {type(exc).__name__}: {exc}"
     progress, error = ctx.broadcast_object((progress, error))
@@ -221,7 +223,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
                        "seconds": time.perf_counter() - started}
                 decision, best_state = _end_epoch(task, model, optimizer, config, progress, row, best_state,
-                                                  model_args)
+                                                  init_kwargs)
                 bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
             progress, stop, error = ctx.broadcast_object(decision)
             if error:
@@ -237,10 +239,10 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
         weights = best_state
     else:
         weights = ckpt.cpu_state(model.state_dict())
-    return TrainResult(weights, progress.history, best_epoch, stopped_early, model_args)
+    return TrainResult(weights, progress.history, best_epoch, stopped_early, init_kwargs)
 
 
-def _end_epoch(task, model, optimizer, config, progress, row, best_state, model_args):
+def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_kwargs):
     """Rank 0 after an epoch: validate, update best and history, checkpoint, decide whether to stop.
 
     Returns ``(progress, stop, error)`` for broadcasting, and the best weights so far. An exception becomes
@@ -265,7 +267,7 @@ def _end_epoch(task, model, optimizer, config, progress, row, best_state, model_
                 best_state = ckpt.cpu_state(model.state_dict())
         stop = metric is not None and row["epoch"] - progress.best_epoch >= config.patience
         if config.checkpoint_dir:
-            _write_checkpoints(model, optimizer, config, progress, improved, model_args)
+            _write_checkpoints(model, optimizer, config, progress, improved, init_kwargs)
         log.info("epoch %d: %s", row["epoch"], {k: round(v, 5) for k, v in row.items() if k != "epoch"})
         if stop:
             log.info("early stopping: %s has not improved for %d epochs (best %.5f in epoch %d)",
@@ -276,7 +278,7 @@ def _end_epoch(task, model, optimizer, config, progress, row, best_state, model_
         return (progress, False, f"{type(exc).__name__}: {exc}"), best_state
 
 
-def _write_checkpoints(model, optimizer, config, progress, improved, model_args) -> None:
+def _write_checkpoints(model, optimizer, config, progress, improved, init_kwargs) -> None:
     state = ckpt.Checkpoint(
         epoch=progress.epoch,
         model=ckpt.cpu_state(model.state_dict()),
@@ -284,7 +286,7 @@ def _write_checkpoints(model, optimizer, config, progress, improved, model_args)
         history=progress.history,
         best_epoch=progress.best_epoch,
         best_score=progress.best_score,
-        model_args=model_args,
+        init_kwargs=init_kwargs,
         config=config.model_dump(mode="json"),
     )
     ckpt.save(ckpt.epoch_path(config.checkpoint_dir, progress.epoch), state)
@@ -293,15 +295,16 @@ def _write_checkpoints(model, optimizer, config, progress, improved, model_args)
     ckpt.prune(config.checkpoint_dir, config.keep_checkpoints)
 
 
-def _restore(model, optimizer, config, model_args) -> tuple[_Progress, dict[str, torch.Tensor] | None]:
+def _restore(model, optimizer, config, init_kwargs) -> tuple[_Progress, dict[str, torch.Tensor] | None]:
     """Rank 0: load the last checkpoint (if any) into model and optimizer; return progress and best weights."""
     path = ckpt.latest(config.checkpoint_dir)
     if path is None:
         log.info("resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)
         return _Progress(), None
     saved = ckpt.load(path)
-    if saved.model_args != model_args:
-        raise RecsysError(f"{path} was written for model {saved.model_args}, not {model_args}")
+    if saved.init_kwargs != init_kwargs:
+        raise RecsysError(f"{path} was written for a network built with {saved.init_kwargs}, not {init_kwargs}: "
+                          "resume with the same hyper-parameters, or train without --resume")
     model.load_state_dict(saved.model)
     optimizer.load_state_dict(saved.optimizer)
     best_state = None

@@ -5,10 +5,11 @@
     ingest -> interactions -> train_<model> (one per model, in parallel) -> recommend_<model>
            -> evaluate -> publish
 
-With ``deepfm`` among the models, a ``features`` task (``jobs/features.py``) runs between interactions
-and train_deepfm; when DeepFM re-ranks another model's candidates (``candidates`` in
-``conf/models/deepfm.yaml``, or ``--set model_params.deepfm.candidates=<model>`` in ``overrides``),
-recommend_deepfm also waits for recommend_<that model>.
+What a model needs first comes from the library's model registry (``recsys_spark/models/registry.py``,
+read here without Spark or torch): when some models read the feature tables, a ``features`` task
+(``jobs/features.py``) runs between interactions and their train tasks; a model that re-ranks another
+model's recommendations (its ``candidates`` hyper-parameter, from ``conf/models/<model>.yaml`` or a
+``--set model_params.<model>.candidates=<other>`` in ``overrides``) waits for recommend_<other>.
 
 Each task is a ``SparkSubmitOperator`` running ``<repo>/jobs/<command>.py`` (publish:
 ``<repo>/scripts/airflow/publish_check.py``) with ``--run-date {{ ds }}``, so a re-run or a backfill
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -168,19 +170,21 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def deepfm_candidates(config: str, overrides: list[str]) -> str | None:
-    """The model whose recommendations DeepFM re-ranks: the last ``model_params.deepfm.candidates``
-    override, else ``candidates`` in ``conf/models/deepfm.yaml`` beside ``config`` (None: the full catalogue)."""
-    key = "model_params.deepfm.candidates="
-    given = [o.removeprefix(key) for o in overrides if o.startswith(key)]
-    if given:
-        value = yaml.safe_load(given[-1])
-        return None if value is None else str(value)
-    params = Path(config).parent / "models" / "deepfm.yaml"
-    if not params.is_file():
-        return None
-    value = (yaml.safe_load(params.read_text()) or {}).get("candidates")
-    return None if value is None else str(value)
+def model_plan(s: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """(the models that need the features task, {model: the model whose recommendations it re-ranks}),
+    from the library's registry and the models' hyper-parameters (the config's conf/models/*.yaml with
+    the ``overrides``). A re-ranked model must be among the DAG's models."""
+    if s["repo"] not in sys.path:
+        sys.path.insert(0, s["repo"])
+    from recsys_spark.config import load_config
+    from recsys_spark.models import registry
+
+    params = load_config(s["config"] if os.path.isfile(s["config"]) else None, s["overrides"]).model_params
+    upstream = {m: registry.upstream(m, params.get(m, {})) for m in s["models"]}
+    for model, other in upstream.items():
+        if other is not None and other not in s["models"]:
+            raise ValueError(f"{model} re-ranks {other!r}, which is not among the models {s['models']}")
+    return registry.need_features(s["models"]), {m: other for m, other in upstream.items() if other}
 
 
 def _job_args(s: dict[str, Any]) -> list[str]:
@@ -243,6 +247,10 @@ def build_dag(s: dict[str, Any]) -> DAG:
             ["--warehouse", s["warehouse"], "--run-date", RUN_DATE, "--models", ",".join(s["models"])], s,
         )
         ingest >> interactions
+        need_features, reranks = model_plan(s)
+        features = _submit("features", job.format("features"), common, s) if need_features else None
+        if features:
+            interactions >> features  # silver/*_features, built from the split's training period
         per_model = {"pool": s["pool"]} if s["pool"] else {}
         recommends = {}
         for model in s["models"]:
@@ -250,13 +258,10 @@ def build_dag(s: dict[str, Any]) -> DAG:
             recommends[model] = _submit(
                 f"recommend_{model}", job.format("recommend"), ["--model", model, *common], s, **per_model)
             interactions >> train >> recommends[model] >> evaluate
-            if model == "deepfm":  # DeepFM reads silver/*_features, built from the training period
-                interactions >> _submit("features", job.format("features"), common, s) >> train
-        candidates = deepfm_candidates(s["config"], s["overrides"]) if "deepfm" in recommends else None
-        if candidates:
-            if candidates not in recommends:
-                raise ValueError(f"deepfm re-ranks {candidates!r}, which is not among the models {s['models']}")
-            recommends[candidates] >> recommends["deepfm"]
+            if model in need_features:
+                features >> train
+        for model, other in reranks.items():
+            recommends[other] >> recommends[model]
         evaluate >> publish
     return dag
 

@@ -1,4 +1,4 @@
-"""Next-item evaluation of session models (GRU4Rec's protocol), and the popularity and item-kNN baselines.
+"""Next-item evaluation of session models (GRU4Rec's protocol), and its popularity and item-kNN baselines.
 
 Protocol. In every test session, every event after the first is a query: the scorer has read the
 session up to the previous event and scores the **whole catalogue**; the query's rank is the position
@@ -12,18 +12,24 @@ whose scores tie a lot (popularity, co-occurrence counts) is flattered by the st
 baselines here break their ties by popularity.
 
 Metrics at each k: ``recall@k`` (= HR@k: one relevant item per query), ``mrr@k`` and ``ndcg@k``, averaged
-over queries, each computed by ``recsys_spark.metrics`` (STYLE point 11) from the query's rank.
+over queries, each computed by ``recsys_spark.metrics`` (the same per-user functions as the ranking
+evaluator) from the query's rank.
 
 Scorers. A scorer has ``n_items`` and ``start(batch_size)``, which returns a fresh ``score_fn(inputs [B],
 reset [B]) -> scores [B, n_items]`` holding its own per-row state: it is fed the steps of a session-parallel
-iteration (``recsys_spark.train.session_batches``), ``reset`` True where a row starts a new session and
+iteration (``recsys_spark.data.session_batches``), ``reset`` True where a row starts a new session and
 ``inputs`` PAD (-1) on idle rows, whose scores are ignored.
 
+A model with a session form returns its scorer from ``Recommender.fit_session_scorer`` (GRU4Rec's is in
+``recsys_spark.models.gru4rec``; networks are wrapped by :class:`ModuleScorer`). The baselines
+(:data:`BASELINES`) are the protocol's own, with their own names in ``gold/metrics``: ``session_pop``
+(:class:`PopularityScorer`) and ``session_itemknn`` (:class:`ItemKNNScorer`, the GRU4Rec paper's
+item-kNN), fitted on the train sessions.
+
 Distribution. :func:`evaluate_sessions` groups ``silver/sessions`` into item lists on Spark and scores
-them on the executors with ``mapInPandas``; the scorer (for GRU4Rec and SASRec, the model's weights as numpy
-arrays) is broadcast once, and each partition sends back only its metric sums. :func:`next_item_metrics`
-is the same computation in one process (validation, benchmarks). torch is imported only inside the
-GRU4Rec and SASRec scorers (executors import what they need).
+them on the executors with ``mapInPandas``; the scorer (for a network, its weights as numpy arrays) is
+broadcast once, and each partition sends back only its metric sums. :func:`next_item_metrics` is the same
+computation in one process (validation, benchmarks).
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from pyspark.sql import functions as F
 
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
+from recsys_spark.data.sequences import session_item_arrays
+from recsys_spark.data.session_batches import SessionData, SessionParallelBatches
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import require_columns
-from recsys_spark.train.session_batches import PAD, SessionData, SessionParallelBatches
+from recsys_spark.scoring import ModuleSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -134,24 +141,6 @@ def _means(sums: dict[str, np.ndarray], n: int, ks: Sequence[int]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- Spark
-
-
-def session_item_arrays(sessions: DataFrame, min_length: int = 2, max_length: int | None = None) -> DataFrame:
-    """``silver/sessions`` rows -> one row per session: (session_id, items array<int> in position order,
-    length). Sessions shorter than ``min_length`` are dropped. With ``max_length``, the last
-    ``max_length`` items are kept and ``items`` is right-padded with PAD to exactly that length (a fixed-
-    length column for Petastorm and ``GRU4RecTask``)."""
-    require_columns(sessions, [tb.SESSION_ID, tb.ITEM_IDX, tb.POSITION], "sessions")
-    ordered = F.sort_array(F.collect_list(F.struct(tb.POSITION, tb.ITEM_IDX)))
-    lists = sessions.groupBy(tb.SESSION_ID).agg(F.transform(ordered, lambda p: p[tb.ITEM_IDX]).alias(tb.ITEMS))
-    n = F.size(tb.ITEMS)
-    lists = lists.filter(n >= min_length)
-    items = F.col(tb.ITEMS)
-    if max_length is not None:
-        tail = F.slice(items, F.greatest(n - max_length + 1, F.lit(1)), max_length)
-        items = F.concat(tail, F.array_repeat(F.lit(tb.PAD_IDX), F.greatest(max_length - n, F.lit(0))))
-    return lists.select(tb.SESSION_ID, items.cast("array<int>").alias(tb.ITEMS),
-                        (F.least(n, F.lit(max_length)) if max_length else n).cast("int").alias(tb.LENGTH))
 
 
 def evaluate_sessions(spark: SparkSession, sessions: DataFrame, scorer: SessionScorer, ks: Sequence[int] = (20,),
@@ -291,116 +280,40 @@ class ItemKNNScorer:
         return score
 
 
-class _ModuleScorer:
-    """A trained torch module as a scorer: its ``init_kwargs`` and weights (numpy, so it pickles and
-    broadcasts without torch on the driver); the module is rebuilt once per process on first use.
-    Subclasses name the module (``_module_class``, imported lazily) and define ``start``."""
+class ModuleScorer:
+    """A trained torch network as a scorer: a :class:`~recsys_spark.scoring.ModuleSnapshot` (it pickles and
+    broadcasts; the network is rebuilt once per process), or with ``live=True`` the training module itself,
+    copying nothing (validation inside a training loop; such a scorer is not for broadcasting).
+    Subclasses define ``start``."""
 
-    def __init__(self, init_kwargs: dict[str, Any], weights: dict[str, np.ndarray], device: str = "cpu") -> None:
-        self.init_kwargs, self.weights, self.device = dict(init_kwargs), weights, device
-        self.n_items = int(init_kwargs["n_items"])
-        self._model = None
+    def __init__(self, snapshot: ModuleSnapshot, live_module=None) -> None:
+        self.snapshot, self._live = snapshot, live_module
+        self.n_items = int(snapshot.init_kwargs["n_items"])
 
     @classmethod
     def from_model(cls, model, device: str | None = None, live: bool = False) -> Self:
-        """A scorer of ``model``'s weights (copied to numpy), on ``device`` (default: the model's).
-        ``live=True`` scores with ``model`` itself, copying nothing (validation in a training loop); such
-        a scorer is not for broadcasting."""
-        device = device or str(next(model.parameters()).device)
+        """A scorer of ``model``'s weights (copied) on ``device`` (default: the model's), or with ``live``
+        the model itself, on its own device."""
         if live:
-            scorer = cls(model.init_kwargs, {}, device)
-            scorer._model = model
-            return scorer
-        weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        return cls(model.init_kwargs, weights, device)
+            return cls(ModuleSnapshot(type(model), model.init_kwargs, {}), live_module=model)
+        return cls(ModuleSnapshot.of(model, device or str(next(model.parameters()).device)))
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        return state
-
-    @staticmethod
-    def _module_class():
-        raise NotImplementedError
+        if self._live is not None:
+            raise TypeError("a live ModuleScorer holds the training module: it is not for pickling")
+        return self.__dict__.copy()
 
     def model(self):
-        if self._model is None:
-            import torch
+        return self._live if self._live is not None else self.snapshot.module()
 
-            model = self._module_class()(**self.init_kwargs)
-            model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.weights.items()})
-            self._model = model.to(self.device).eval()
-        return self._model
+    @property
+    def device(self):
+        return next(self.model().parameters()).device
 
 
-class GRU4RecScorer(_ModuleScorer):
-    """A trained GRU4Rec as a scorer: the hidden state of each row is carried from step to step and
-    reset where a row starts a new session."""
-
-    @staticmethod
-    def _module_class():
-        from recsys_spark.models.gru4rec import GRU4Rec
-
-        return GRU4Rec
-
-    def start(self, batch_size: int) -> ScoreFn:
-        import torch
-
-        model = self.model()
-        state: dict[str, Any] = {"hidden": None}
-
-        @torch.no_grad()
-        def score(inputs: np.ndarray, reset: np.ndarray) -> np.ndarray:
-            items = torch.from_numpy(np.asarray(inputs, dtype=np.int64)).to(self.device)
-            out, state["hidden"] = model.forward_step(items, state["hidden"],
-                                                      torch.from_numpy(np.asarray(reset)).to(self.device))
-            return model.scores(out).float().cpu().numpy()  # [B, n_items]
-
-        return score
-
-
-class SASRecScorer(_ModuleScorer):
-    """A trained SASRec as a scorer. Each row keeps the last ``max_len`` items its session has read
-    (cleared where the row starts a new session); a query is scored as ``SASRecRecommender`` and
-    ``SASRecTask`` do: the left-padded sequence (PAD = -1, the most recent item last) through the
-    module, the last position's hidden state dotted with every item embedding. Only the rows that read
-    an item are run (idle rows score 0), over the widest of their histories: leading columns that are
-    padding in every row are dropped, which does not change the output (positions are right-aligned,
-    padding is masked)."""
-
-    @staticmethod
-    def _module_class():
-        from recsys_spark.models.sasrec import SASRec
-
-        return SASRec
-
-    def start(self, batch_size: int) -> ScoreFn:
-        import torch
-
-        model = self.model()
-        max_len = int(model.max_len)
-        state = {"seq": np.full((batch_size, max_len), PAD, dtype=np.int64),  # [B, max_len], left-padded
-                 "length": np.zeros(batch_size, dtype=np.int64)}  # [B] items held per row
-
-        @torch.no_grad()
-        def score(inputs: np.ndarray, reset: np.ndarray) -> np.ndarray:
-            inputs, reset = np.asarray(inputs, dtype=np.int64), np.asarray(reset, dtype=bool)
-            n = len(inputs)
-            if n > len(state["length"]):  # more rows than announced: grow, new rows empty
-                extra = n - len(state["length"])
-                state["seq"] = np.vstack([state["seq"], np.full((extra, max_len), PAD, dtype=np.int64)])
-                state["length"] = np.concatenate([state["length"], np.zeros(extra, dtype=np.int64)])
-            seq, length = state["seq"][:n], state["length"][:n]  # views
-            seq[reset], length[reset] = PAD, 0
-            rows = np.flatnonzero(inputs >= 0)
-            seq[rows, :-1] = seq[rows, 1:]  # shift left, append the new item
-            seq[rows, -1] = inputs[rows]
-            length[rows] = np.minimum(length[rows] + 1, max_len)
-            out = np.zeros((n, self.n_items), dtype=np.float32)
-            if len(rows):
-                width = int(length[rows].max())
-                batch = torch.from_numpy(np.ascontiguousarray(seq[rows, max_len - width:])).to(self.device)
-                out[rows] = model.score_all(batch).float().cpu().numpy()  # [b, n_items]
-            return out
-
-        return score
+# The protocol's own baselines, fitted on the train sessions (item lists) over n_items items: their rows in
+# gold/metrics carry these names, which no registered model has.
+BASELINES: dict[str, Callable[[Sequence[Sequence[int]], int], SessionScorer]] = {
+    "session_pop": PopularityScorer.fit,
+    "session_itemknn": ItemKNNScorer.fit,
+}

@@ -1,4 +1,5 @@
-"""Offline evaluation on Spark (DESIGN section 4): ranking metrics, catalogue coverage, popularity.
+"""Offline evaluation on Spark: ranking metrics, catalogue coverage, popularity (the protocol is in
+docs/ARCHITECTURE.md, "Data flow").
 
 Per-user metrics are the functions of ``recsys_spark.metrics``, run inside ``mapInPandas`` on the
 executors; each partition sends only its per-metric sums on, so no recommendation list ever reaches
@@ -20,7 +21,7 @@ from pyspark.sql import functions as F
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import require_columns
+from recsys_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Session-parallel mini-batches (Hidasi et al. 2016, "Session-based Recommendations with Recurrent Neural
-Networks", section 3.1.1), as their own iterator (STYLE point 9).
+Networks", section 3.1.1), as their own iterator, tested on its own.
 
 Each of the B rows of a mini-batch follows one session. At every step a row emits (input, target): the
 session's item at its current position and the item after it. When a row's session has no next item
@@ -134,12 +134,3 @@ class SessionParallelBatches:
             finished = np.flatnonzero(active & (pos + 1 >= end))  # no target left after this input
             if len(finished):
                 assign(finished)  # in row order, as the official implementation
-
-
-def stack_steps(steps: Sequence[Step] | Iterator[Step]) -> Step:
-    """All steps as one :class:`Step` of [T, B] arrays (to move a whole pass to a device at once)."""
-    steps = list(steps)
-    if not steps:
-        empty = np.zeros((0, 0), dtype=np.int64)
-        return Step(empty, empty, empty.astype(bool), empty.astype(bool))
-    return Step(*(np.stack(parts) for parts in zip(*steps, strict=True)))

@@ -1,0 +1,242 @@
+"""What every torch model shares: Delta -> Petastorm -> N ranks -> weights, a validation hold-out, persistence.
+
+``fit`` builds the training frame on Spark (the subclass's :meth:`TorchRecommender._training_data`),
+materialises it once through Petastorm, and launches the subclass's training task
+(:meth:`TorchRecommender._task`, a ``recsys_spark.train.trainer.TrainTask``) on ``num_proc`` ranks:
+Horovod by default, TorchDistributor, or one local process. Rank 0 returns the weights of the best epoch
+on the hold-out. Checkpoints and the Petastorm cache go under ``workdir`` (the pipeline sets it to the
+model's run directory; a temporary directory otherwise).
+
+Recommending is the subclass's: it scores on the executors through ``recsys_spark.scoring``, with the
+network shipped as a broadcast :class:`~recsys_spark.scoring.ModuleSnapshot` (:meth:`snapshot`).
+
+A saved model is ``weights.pt`` (a state_dict of tensors: ``torch.load(weights_only=True)``), ``model.json``
+(hyper-parameters, the network's constructor arguments, the training history and where each rank ran)
+and ``users/`` (the users it trained on, Parquet); subclasses add their own files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from recsys_spark import tables as tb
+from recsys_spark.config import Section
+from recsys_spark.errors import RecsysError
+from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.scoring import ModuleSnapshot, build_module
+from recsys_spark.tables import require_columns
+from recsys_spark.train import distributed, loaders
+from recsys_spark.train.task import Holdout
+from recsys_spark.train.trainer import TrainConfig, TrainJob
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.pt"
+USERS_DIR = "users"
+# Columns of the collected hold-out rows (see TorchRecommender._hold_out_last).
+TARGET = "_target"
+SEEN = "_seen"
+
+
+class TorchParams(Section):
+    """How a torch model trains: launcher, ranks, validation hold-out, optimisation (``train``), and its
+    network (``net``, in the subclass).
+
+    A partial ``train:`` or ``net:`` section keeps this model's own defaults for the keys it leaves out,
+    not the generic ones of ``TrainConfig``."""
+
+    backend: Literal["horovod", "torch", "local"] = "horovod"
+    num_proc: int = Field(2, ge=1, description="training ranks (Spark task slots for horovod/torch)")
+    resume: bool = Field(False, description="continue from the last checkpoint of this run")
+    validation_users: int = Field(500, ge=0, description="users whose last train item picks the best epoch")
+    train: TrainConfig = TrainConfig()
+
+    removed_keys: ClassVar[dict[str, str]] = {
+        "users_per_block": "set recommend.users_per_block in pipeline.yaml (one setting for every model)"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_over_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name in ("train", "net"):
+            given, field = data.get(name), cls.model_fields.get(name)
+            if isinstance(given, dict) and field is not None:
+                default = field.get_default(call_default_factory=True).model_dump()
+                merged[name] = {**default, **given}
+        return merged
+
+
+class TorchRecommender(Recommender):
+    """Training, hold-out and persistence of the torch models; subclasses choose data, task and scoring.
+
+    Subclasses set ``network`` (the ``recsys_spark.nn`` class they train; or override
+    :meth:`network_class`) and implement ``_training_data``, ``_task`` and ``_recommend``.
+    """
+
+    network: ClassVar[type]
+    params_class: ClassVar[type[TorchParams]] = TorchParams
+
+    def __init__(self, params: TorchParams | None = None) -> None:
+        super().__init__(params)
+        self.module = None
+        self.history: list[dict[str, float]] = []
+        self.ranks: list[dict[str, Any]] = []
+        self.n_users = self.n_items = 0
+        self._users: DataFrame | None = None
+
+    def network_class(self) -> type:
+        """The torch module class this model trains and serves."""
+        return self.network
+
+    # -- training -------------------------------------------------------------------------------
+    def _fit(self, train: DataFrame) -> None:
+        spark = train.sparkSession
+        p: TorchParams = self.params
+        sizes = train.agg(F.max(tb.USER_IDX), F.max(tb.ITEM_IDX)).first()
+        if sizes[0] is None:
+            raise RecsysError(f"{self.name}: the training data is empty")
+        self.n_users, self.n_items = self._sizes(sizes[0] + 1, sizes[1] + 1)
+        counts = train.groupBy(tb.ITEM_IDX).count().toPandas()
+        item_counts = np.zeros(self.n_items)
+        item_counts[counts[tb.ITEM_IDX].to_numpy()] = counts["count"].to_numpy()
+        self._users = train.select(tb.USER_IDX).distinct()
+
+        ranks = 1 if p.backend == "local" else p.num_proc
+        data, holdout = self._training_data(train)
+        task = self._task(item_counts, holdout)
+        workdir = self.workdir or tempfile.mkdtemp(prefix=f"recsys-{self.name}-")
+        config = p.train.model_copy(update={"checkpoint_dir": os.path.join(workdir, "checkpoints"),
+                                            "resume": p.resume})
+        if holdout is None and config.early_stopping_metric:
+            log.warning("%s: no validation data (validation_users=%d), so no early stopping on %s",
+                        self.name, p.validation_users, config.early_stopping_metric)
+            config = config.model_copy(update={"early_stopping_metric": None})
+        converter = loaders.materialize(spark, data.select(*task.columns), os.path.join(workdir, "petastorm"),
+                                        ranks=ranks)
+        try:
+            rows = len(converter)
+            steps = loaders.steps_per_epoch(rows, config.batch_size, ranks)
+            log.info("%s: %d training rows, %d ranks (%s), %d steps per epoch", self.name, rows, ranks,
+                     p.backend, steps)
+            job = distributed.Located(TrainJob(task, converter, steps, config))
+            results = distributed.launch(spark, job, p.backend, ranks, seed=config.seed)
+        finally:
+            loaders.delete(converter)
+        result = results[0][0]
+        self.ranks = [where for _, where in results]
+        self.module = build_module(self.network_class(), result.init_kwargs, result.state_dict)
+        samples = steps * config.batch_size * ranks
+        self.history = [{**row, "samples_per_s": samples / row["seconds"]} for row in result.history]
+
+    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
+        """(users, items) the network is built for, given the training data's (largest index + 1)."""
+        return n_users, n_items
+
+    def _training_data(self, train: DataFrame) -> tuple[DataFrame, Any]:
+        """(the frame the loader streams, with the task's ``columns``; the validation data or None)."""
+        raise NotImplementedError
+
+    def _task(self, item_counts: np.ndarray, holdout):
+        """The ``TrainTask`` for this model's network, ``item_counts`` [n_items] train rows per item."""
+        raise NotImplementedError
+
+    # -- the validation hold-out ------------------------------------------------------------------
+    def _validation_users(self, candidates: DataFrame, key: str = tb.USER_IDX) -> DataFrame:
+        """A deterministic sample of ``validation_users`` rows of ``candidates`` by ``key`` (a hash of the
+        key and the seed, not Spark's partitioning, so the same users whatever the cluster)."""
+        n = self.params.validation_users
+        return candidates.orderBy(F.xxhash64(key, F.lit(self.params.train.seed)), key).limit(n)
+
+    def _hold_out_last(self, train: DataFrame, order: str = tb.LAST_TS) -> tuple[DataFrame, pd.DataFrame | None]:
+        """(train rows less each validation user's latest item, the held-out rows or None).
+
+        The one hold-out of the models that validate on next items. Validation users are drawn among those
+        with >= 2 items; a user's latest item is the one with the largest ``order`` (ties: the larger
+        item_idx). The held-out rows are collected to the driver, one per validation user, with
+        ``user_idx``, ``_target`` and ``_seen`` (the user's other train items, filtered from the ranking).
+        """
+        require_columns(train, [order], f"{self.name} training data")
+        multi = train.groupBy(tb.USER_IDX).count().filter(F.col("count") >= 2).select(tb.USER_IDX)
+        latest = F.row_number().over(Window.partitionBy(tb.USER_IDX).orderBy(F.desc(order), F.desc(tb.ITEM_IDX)))
+        val_users = self._validation_users(multi).withColumn("_val", F.lit(True))
+        ranked = train.join(val_users, tb.USER_IDX, "left").withColumn("_pos", latest)
+        is_val = F.col("_val").isNotNull()
+        fit_rows = ranked.filter(~(is_val & (F.col("_pos") == 1))).drop("_val", "_pos")
+        if not self.params.validation_users:
+            return fit_rows, None
+        val = (
+            ranked.filter(is_val)
+            .groupBy(tb.USER_IDX)
+            .agg(F.max(F.when(F.col("_pos") == 1, F.col(tb.ITEM_IDX))).alias(TARGET),
+                 F.collect_list(F.when(F.col("_pos") > 1, F.col(tb.ITEM_IDX))).alias(SEEN))
+            .orderBy(tb.USER_IDX)
+            .toPandas()
+        )
+        log.info("%s: collected %d validation users to the driver", self.name, len(val))
+        return fit_rows, (val if len(val) else None)
+
+    @staticmethod
+    def _holdout(inputs: np.ndarray, held: pd.DataFrame) -> Holdout:
+        """The in-memory hold-out of ``held`` rows (see ``_hold_out_last``) with the network's ``inputs``."""
+        return Holdout.from_lists(inputs, held[TARGET].to_numpy(), [list(s) for s in held[SEEN]])
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def known_users(self) -> DataFrame:
+        return self._users
+
+    def snapshot(self) -> ModuleSnapshot:
+        """The trained network as plain data, for a broadcast (see ``recsys_spark.scoring``)."""
+        if self.module is None:
+            raise RecsysError(f"{self.name} is not fitted: call fit() or load() first")
+        return ModuleSnapshot.of(self.module)
+
+    def _broadcast_network(self, spark: SparkSession):
+        return spark.sparkContext.broadcast(self.snapshot())
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        import torch
+
+        snapshot = self.snapshot()
+        os.makedirs(path, exist_ok=True)
+        torch.save({k: torch.from_numpy(v) for k, v in snapshot.weights.items()}, os.path.join(path, WEIGHTS_FILE))
+        write_json(path, {"model": self.name, "init_kwargs": snapshot.init_kwargs, "n_users": self.n_users,
+                          "n_items": self.n_items, "params": self.params.model_dump(mode="json"),
+                          "history": self.history, "ranks": self.ranks, **self._extra_meta()})
+        self._users.write.mode("overwrite").parquet(os.path.join(path, USERS_DIR))
+        self._save_extra(path)
+
+    def _extra_meta(self) -> dict[str, Any]:
+        """What a subclass adds to model.json (plain JSON)."""
+        return {}
+
+    def _save_extra(self, path: str) -> None:
+        """Files a subclass keeps beside the weights."""
+
+    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
+        """Read back what ``_save_extra`` and ``_extra_meta`` wrote."""
+
+    @classmethod
+    def load(cls, spark: SparkSession, path: str) -> TorchRecommender:
+        import torch
+
+        meta = read_json(path)
+        model = cls(cls.params_class.model_validate(meta["params"]))
+        state = torch.load(os.path.join(path, WEIGHTS_FILE), weights_only=True)
+        model.module = build_module(model.network_class(), meta["init_kwargs"], state)
+        model.n_users, model.n_items, model.history = meta["n_users"], meta["n_items"], meta["history"]
+        model.ranks = meta.get("ranks", [])
+        model._users = spark.read.parquet(os.path.join(path, USERS_DIR))
+        model._load_extra(spark, path, meta)
+        return model
