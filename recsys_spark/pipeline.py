@@ -306,24 +306,6 @@ def _models_with_recommendations(recs: DataFrame, config: PipelineConfig, run: R
 SESSIONS_SPLIT = "sessions"  # the split column of the session protocol's rows in gold/metrics
 
 
-def session_periods(spark: SparkSession, config: PipelineConfig) -> tuple[DataFrame, DataFrame]:
-    """(train, test) rows of silver/sessions around the temporal split's cut: test sessions start after
-    it, train sessions end at or before it; sessions that straddle the cut are in neither.
-
-    The cut is the temporal split's (``interactions.test_fraction`` of the events after it), recomputed
-    from silver/sessions, which holds the same indexed events.
-    """
-    sessions = tb.read(spark, config.warehouse, tb.SESSIONS)
-    cut = splits.temporal_cutoff(sessions, config.interactions.test_fraction)
-    seconds = F.unix_timestamp(tb.EVENT_TIME)
-    bounds = sessions.groupBy(tb.SESSION_ID).agg(F.min(seconds).alias("_start"), F.max(seconds).alias("_end"))
-    train = sessions.join(bounds.filter(F.col("_end") <= F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
-                          "left_semi")
-    test = sessions.join(bounds.filter(F.col("_start") > F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
-                         "left_semi")
-    return train, test
-
-
 def _session_scorers(spark: SparkSession, config: PipelineConfig, run: Run, models: list[str],
                      train: DataFrame, n_items: int) -> Iterator[tuple[str, SessionScorer]]:
     """(name, scorer) of the protocol's baselines, fitted on the train sessions, then of every model of
@@ -354,7 +336,7 @@ def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
     gold/metrics with split ``sessions`` (plus ``n_queries`` at k = 0); returns them as a small pandas frame.
     """
     wh = config.warehouse
-    train, test = session_periods(spark, config)
+    train, test = splits.session_periods(tb.read(spark, wh, tb.SESSIONS), config.interactions.test_fraction)
     train, test = train.persist(), test.persist()
     n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
     frames = []

@@ -22,7 +22,7 @@ from recsys_spark.recommend import recommend_with_fallback
 pytestmark = [pytest.mark.spark, pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 TORCH = {"backend": "local", "num_proc": 1, "validation_users": 5,
-         "train": {"epochs": 2, "batch_size": 64, "progress": False}}
+         "train": {"epochs": 1, "batch_size": 64, "progress": False}}
 TINY = {
     "popularity": {},
     "itemknn": {"neighbours": 20},

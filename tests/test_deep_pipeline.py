@@ -236,10 +236,12 @@ def test_a_bare_evaluate_scores_the_models_that_recommended(world, capsys):
     assert "no recommendations of als" in capsys.readouterr().err
 
 
-def test_pipeline_trains_all_five_models_into_delta(spark, tmp_path, capsys):
+def test_pipeline_trains_all_five_models_into_delta(spark, world, capsys):
     """What the issue's user runs: one `recsys-spark pipeline` with ALS, NCF, DeepFM (re-ranking ALS),
-    GRU4Rec and SASRec, each on its own launcher, writing top-N and metrics to Delta."""
-    warehouse = str(tmp_path / "warehouse")
+    GRU4Rec and SASRec, each on its own launcher, writing top-N and metrics to Delta. DeepFM is listed
+    before the model it re-ranks: the pipeline orders them. (On the world's warehouse for another run
+    date: the same generated events, so ingest and interactions find nothing new.)"""
+    warehouse = world.warehouse
     tiny = "train.epochs=1", "train.batch_size=64", "train.progress=false", "validation_users=5"
     overrides = [*SMALL, "tracking.enabled=false", "model_params.als.rank=8", "model_params.als.max_iter=3",
                  "model_params.deepfm.candidates=als", "model_params.deepfm.candidates_k=20",
@@ -249,7 +251,7 @@ def test_pipeline_trains_all_five_models_into_delta(spark, tmp_path, capsys):
         overrides += [f"model_params.{model}.{s}" for s in (*tiny, f"backend={backend}")]
     overrides.append("model_params.gru4rec.num_proc=2")
     args = ["pipeline", "--warehouse", warehouse, "--run-date", "2026-01-03", "--models",
-            "als,ncf,deepfm,gru4rec,sasrec"]
+            "deepfm,als,ncf,gru4rec,sasrec"]
     assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0, capsys.readouterr().err[-3000:]
     models = {"als", "ncf", "deepfm", "gru4rec", "sasrec"}
     day = F.col(tb.RUN_DATE) == F.lit(dt.date(2026, 1, 3))

@@ -76,3 +76,20 @@ def training_events(events: DataFrame, users_index: DataFrame, train: DataFrame,
     cuts = test.join(users_index, tb.USER_IDX).groupBy(tb.USER_ID).agg(F.min(tb.FIRST_TS).alias("_cut"))
     return (events.join(cuts, tb.USER_ID, "left")
             .filter(F.col("_cut").isNull() | (F.col(tb.EVENT_TIME) < F.col("_cut"))).drop("_cut"))
+
+
+def session_periods(sessions: DataFrame, test_fraction: float) -> tuple[DataFrame, DataFrame]:
+    """(train, test) rows of ``silver/sessions`` around the temporal split's cut: test sessions start after
+    it, train sessions end at or before it; sessions that straddle the cut are in neither.
+
+    The cut is the temporal split's (``test_fraction`` of the events after it), recomputed from the
+    sessions, which hold the same indexed events.
+    """
+    cut = temporal_cutoff(sessions, test_fraction)
+    seconds = F.unix_timestamp(tb.EVENT_TIME)
+    bounds = sessions.groupBy(tb.SESSION_ID).agg(F.min(seconds).alias("_start"), F.max(seconds).alias("_end"))
+    train = sessions.join(bounds.filter(F.col("_end") <= F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
+                          "left_semi")
+    test = sessions.join(bounds.filter(F.col("_start") > F.lit(cut)).select(tb.SESSION_ID), tb.SESSION_ID,
+                         "left_semi")
+    return train, test
