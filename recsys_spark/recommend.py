@@ -13,15 +13,6 @@ from recsys_spark.models.base import Recommender
 from recsys_spark.tables import require_columns
 
 
-def popularity_fallback(popularity_model: Recommender, users: DataFrame, known: DataFrame | None, k: int,
-                        seen: DataFrame | None = None, exclude_items: Sequence[int] = ()) -> DataFrame | None:
-    """The popularity model's top-``k`` for the ``users`` that are not in ``known`` (None: no such user)."""
-    if known is None:
-        return None
-    cold = users.select(tb.USER_IDX).distinct().join(known.select(tb.USER_IDX), tb.USER_IDX, "left_anti")
-    return popularity_model.recommend(cold, k, seen, list(exclude_items))
-
-
 def recommend_with_fallback(model: Recommender, users: DataFrame, k: int, seen: DataFrame | None = None,
                             exclude_items: Sequence[int] = (),
                             popularity_model: Recommender | None = None) -> DataFrame:
@@ -34,10 +25,11 @@ def recommend_with_fallback(model: Recommender, users: DataFrame, k: int, seen: 
     if popularity_model is None or known is None:
         return model.recommend(users, k, seen, list(exclude_items))
     require_columns(users, [tb.USER_IDX], "users")
-    warm = users.select(tb.USER_IDX).distinct().join(known.select(tb.USER_IDX), tb.USER_IDX, "left_semi")
+    users = users.select(tb.USER_IDX).distinct()
+    warm = users.join(known.select(tb.USER_IDX), tb.USER_IDX, "left_semi")
+    cold = users.join(known.select(tb.USER_IDX), tb.USER_IDX, "left_anti")
     recs = model.recommend(warm, k, seen, list(exclude_items))
-    cold = popularity_fallback(popularity_model, users, known, k, seen, exclude_items)
-    return recs.unionByName(cold)
+    return recs.unionByName(popularity_model.recommend(cold, k, seen, list(exclude_items)))
 
 
 def to_original_ids(recs: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
