@@ -64,19 +64,23 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
                              "interactions.min_user_interactions / min_item_interactions")
         users = indexing.update_index(spark, pairs, wh, tb.USER_INDEX, tb.USER_ID, tb.USER_IDX)
         items = indexing.update_index(spark, pairs, wh, tb.ITEM_INDEX, tb.ITEM_ID, tb.ITEM_IDX)
+        # Ties at one timestamp follow the ids' order, not the index's (tables.ITEM_ORDER).
+        order = indexing.id_order(items, tb.ITEM_ID, tb.ITEM_IDX, tb.ITEM_ORDER).persist()
         indexed = (
             weighted.join(pairs.select(tb.USER_ID).distinct(), tb.USER_ID, "left_semi")
             .join(pairs.select(tb.ITEM_ID).distinct(), tb.ITEM_ID, "left_semi")
             .join(users, tb.USER_ID)
             .join(items, tb.ITEM_ID)
+            .join(order, tb.ITEM_IDX)
             .persist()
         )
-        table = interactions.aggregate(indexed, tb.USER_IDX, tb.ITEM_IDX)
+        table = interactions.aggregate(indexed, tb.USER_IDX, tb.ITEM_IDX).join(order, tb.ITEM_IDX)
         tb.overwrite(table, wh, tb.INTERACTIONS)
         table = tb.read(spark, wh, tb.INTERACTIONS)
+        temporal = splits.temporal(indexed, ic.test_fraction)
         by_split = {
             splits.LEAVE_LAST_OUT: splits.leave_last_out(table),
-            splits.TEMPORAL: splits.temporal(indexed, ic.test_fraction),
+            splits.TEMPORAL: tuple(part.join(order, tb.ITEM_IDX) for part in temporal),
         }
         tb.overwrite(_tagged({k: v[0] for k, v in by_split.items()}), wh, tb.TRAIN, partition_by=[tb.SPLIT])
         tb.overwrite(_tagged({k: v[1] for k, v in by_split.items()}), wh, tb.TEST, partition_by=[tb.SPLIT])
@@ -88,6 +92,7 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
         tb.overwrite(_tagged(seqs), wh, tb.SEQUENCES, partition_by=[tb.SPLIT])
         tb.overwrite(sequences.sessions(indexed, ic.session_gap_minutes), wh, tb.SESSIONS)
         indexed.unpersist()
+        order.unpersist()
     finally:
         weighted.unpersist()
     written = [tb.USER_INDEX, tb.ITEM_INDEX, tb.INTERACTIONS, tb.TRAIN, tb.TEST, tb.SEQUENCES, tb.SESSIONS]

@@ -12,7 +12,8 @@ import logging
 import os
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from recsys_spark.errors import MissingTableError, RecsysError
@@ -51,6 +52,9 @@ POSITION = "position"
 EMBEDDING = "embedding"  # array<float> in the factor frames and gold/*_embeddings
 SIMILAR_ITEM_IDX = "similar_item_idx"
 SIMILAR_ITEM_ID = "similar_item_id"
+# An item's place in id order: integer ids by their numeric value, then the others as strings. The
+# tie-break between a user's items at one timestamp, so no split depends on how ids are spelled.
+ITEM_ORDER = "item_order"
 
 # Feature tables (recsys_spark.data.features): the vocabulary's columns, the assembled feature-model input, and
 # the names of the built-in feature fields. Side-file columns keep their own names as field names.
@@ -136,6 +140,12 @@ def require_columns(df: DataFrame, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise RecsysError(f"{what} lacks column(s) {missing}; it has {df.columns}")
+
+
+def item_tie(df: DataFrame) -> Column:
+    """What orders a user's items that share a timestamp (later = larger): ``item_order`` when ``df`` has
+    it (the silver tables do), else ``item_idx`` (frames built by hand, whose indices are the ids)."""
+    return F.col(ITEM_ORDER) if ITEM_ORDER in df.columns else F.col(ITEM_IDX)
 
 
 def table_path(warehouse: str, name: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import training_history
+from recsys_spark.models.base import training_record
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +291,13 @@ class Tracker:
             self.log_metrics({f"{model}.{key}": v for key, v in values.items()}, run_id=self._pipeline[0])
 
     def log_model_dir(self, path: str, artifact_path: str = "model") -> None:
-        """A saved model: its training history (``models.base.training_history``: torch models keep one,
-        others have none) and its files."""
+        """A saved model: its training history and summary (``models.base.training_record``: torch models
+        keep one, others have none) and its files."""
         if not self._can_log():
             return
-        self.log_history(training_history(path))
+        history, summary = training_record(path)
+        self.log_history(history)
+        self.log_metrics({key: value for key, value in summary.items() if _is_number(value)})
         self.log_artifacts(path, artifact_path)
 
     def log_artifacts(self, local_dir: str, artifact_path: str = "model",

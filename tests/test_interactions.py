@@ -117,3 +117,42 @@ def test_sessions_cut_by_inactivity_gap_and_source_session(spark):
     for r in sorted(rows, key=lambda r: (r.session_id, r.position)):
         by_session.setdefault(r.session_id, []).append(r.item_idx)
     assert sorted(by_session.values()) == [[1], [1, 2], [2], [3]]
+
+
+def test_ties_at_the_last_timestamp_follow_the_numeric_ids(spark, tmp_path, warehouse):
+    """Items "9" and "10" share u1's last timestamp. The index numbers ids in string order ("10" before
+    "9"), so breaking the tie by index would hold out "9"; in id order "10" comes last and is held out,
+    and the sequences end with it."""
+    from recsys_spark import pipeline
+    from recsys_spark.config import load_config
+
+    path = tmp_path / "events.csv"
+    rows = [("u1", "1", 0), ("u1", "9", 5), ("u1", "10", 5), ("u2", "10", 1), ("u2", "9", 1), ("u2", "1", 2)]
+    path.write_text("user_id,item_id,event_type,event_time\n"
+                    + "".join(f"{u},{i},view,2024-01-01T0{h}:00:00\n" for u, i, h in rows))
+    config = load_config(overrides=[f"warehouse={warehouse}", "interactions.min_user_interactions=1",
+                                    "interactions.min_item_interactions=1"])
+    pipeline.run_ingest(spark, config, str(path), "canonical")
+    pipeline.run_interactions(spark, config)
+    ids = {r.item_idx: r.item_id for r in tb.read(spark, warehouse, tb.ITEM_INDEX).collect()}
+    assert [ids[idx] for idx in sorted(ids)] == ["1", "10", "9"]  # the index is in string order
+    users = {r.user_idx: r.user_id for r in tb.read(spark, warehouse, tb.USER_INDEX).collect()}
+    test = tb.read(spark, warehouse, tb.TEST).filter(f"{tb.SPLIT} = '{splits.LEAVE_LAST_OUT}'").collect()
+    assert {users[r.user_idx]: ids[r.item_idx] for r in test} == {"u1": "10", "u2": "1"}
+    seqs = tb.read(spark, warehouse, tb.SEQUENCES).filter(f"{tb.SPLIT} = '{splits.LEAVE_LAST_OUT}'").collect()
+    held_in = {users[r.user_idx]: [ids[i] for i in r.items if i != tb.PAD_IDX] for r in seqs}
+    assert held_in == {"u1": ["1", "9"], "u2": ["9", "10"]}  # u2's tie at hour 1: "9" before "10"
+
+
+def test_windows_cover_every_transition(spark):
+    """A 10-item history in windows of 4 (3 transitions each): every (item, next) pair exactly once."""
+    rows = [(0, i, _t(i)) for i in range(10)] + [(1, 5, _t(0))] + [(2, 3, _t(0)), (2, 4, _t(1))]
+    train = spark.createDataFrame(rows, f"{tb.USER_IDX} int, {tb.ITEM_IDX} int, {tb.FIRST_TS} timestamp")
+    windows = {}
+    for r in sequences.user_windows(train, 4).collect():
+        assert len(r[tb.ITEMS]) == 4 and r[tb.LENGTH] == sum(i != tb.PAD_IDX for i in r[tb.ITEMS])
+        windows.setdefault(r[tb.USER_IDX], []).append([i for i in r[tb.ITEMS] if i != tb.PAD_IDX])
+    assert sorted(windows[0]) == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    pairs = [(w[k], w[k + 1]) for w in windows[0] for k in range(len(w) - 1)]
+    assert sorted(pairs) == [(i, i + 1) for i in range(9)]
+    assert windows[1] == [[5]] and windows[2] == [[3, 4]]

@@ -24,6 +24,8 @@ METRICS_SCHEMA = "run_id string, run_date date, model string, split string, metr
 RECS_SCHEMA = ("run_id string, model string, split string, user_id string, rank int, item_id string, "
                "score double, run_date date")
 INTERACTIONS_SCHEMA = "user_idx int, item_idx int, weight double, n_events long, first_ts timestamp, last_ts timestamp"
+TRAINING = {"epochs_run": 3, "best_epoch": 3, "steps_to_best": 60, "steps_per_epoch": 20, "stopped_early": False,
+            "train_seconds": 41.5}
 HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "lr": 0.001, "seconds": 1.0, "ndcg@10": 0.02 * e,
             "samples_per_s": 100.0} for e in range(1, 6)]
 
@@ -69,7 +71,7 @@ def tiny_warehouse(spark, tmp_path_factory):
     ncf_dir = tb.model_dir(warehouse, "ncf", NEW)
     os.makedirs(ncf_dir)
     with open(os.path.join(ncf_dir, "model.json"), "w") as fh:
-        json.dump({"model": "ncf", "history": HISTORY}, fh)
+        json.dump({"model": "ncf", "history": HISTORY, "training": TRAINING}, fh)
     return warehouse
 
 
@@ -97,6 +99,8 @@ def test_report_of_the_latest_run(spark, tiny_warehouse, tmp_path):
     assert numbers["run_id"] == "nightly-new"
     assert numbers["models"] == ["ncf", "popularity", "als"]          # best NDCG@10 first
     assert numbers["histories"]["ncf"] == HISTORY and set(numbers["histories"]) == {"ncf"}
+    assert numbers["training"] == [{"model": "ncf", **TRAINING}]  # steps to best and wall time, shown too
+    assert "steps_to_best" in page and "41.5" in page
     assert numbers["profile"]["events"] == 15 and numbers["profile"]["users"] == 3
     assert numbers["profile"]["interactions"] == 18 and numbers["profile"]["interaction_users"] == 5
     per_user = {b["bucket"]: (b["count"], b["lo"], b["hi"]) for b in numbers["interactions_per_user"]}

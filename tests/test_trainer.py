@@ -19,7 +19,7 @@ from recsys_spark.errors import RecsysError
 from recsys_spark.train import checkpoint as ckpt
 from recsys_spark.train import loaders
 from recsys_spark.train.distributed import DistContext, launch
-from recsys_spark.train.trainer import TrainConfig, TrainJob, TrainResult, TrainTask, fit, lr_factor
+from recsys_spark.train.trainer import TrainConfig, TrainJob, TrainResult, TrainTask, fit, lr_factor, validations
 
 pytestmark = pytest.mark.torch
 
@@ -195,6 +195,28 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
     assert again.stopped_early and again.best_epoch == 1
     for name, tensor in first.state_dict.items():
         assert torch.equal(tensor, again.state_dict[name])
+
+
+def test_validation_and_patience_count_steps_not_epochs():
+    """Few steps per epoch: validation falls after the epochs that complete another validate_every_steps
+    steps and patience counts validations, so a small data set trains as many steps as a large one."""
+    rows = len(positives(pattern())["user"])
+    config = base_config(epochs=30, batch_size=rows // 2, validate_every_steps=5, early_stopping_metric="score",
+                         patience=2)
+    assert loaders.steps_per_epoch(rows, config.batch_size, 1) == 2
+    assert [e for e in range(1, 14) if validations(e - 1, e, 2, config)] == [3, 5, 8, 10, 13]
+    assert validations(0, 7, 10, config) == 7  # an epoch of at least 5 steps validates every time
+    scores = [0.1, 0.5, 0.4, 0.3, 0.2]  # one per validation: the best is the second, after epoch 5
+    result = run_local(MFTask(pattern(), scripted_scores=scores), config)
+    assert [row["epoch"] for row in result.history if "score" in row] == [3, 5, 8, 10]
+    assert result.stopped_early and result.best_epoch == 5 and result.best_step == 10
+    assert len(result.history) == 10 and result.seconds > 0
+
+
+def test_the_batch_is_global_so_ranks_run_the_same_steps():
+    assert loaders.rank_batch_size(256, 2) == 128 and loaders.rank_batch_size(256, 1) == 256
+    assert loaders.steps_per_epoch(10_000, 256, 1) == loaders.steps_per_epoch(10_000, 256, 2) == 39
+    assert loaders.steps_per_epoch(10_000, 256, 3) == 10_000 // 255
 
 
 def test_missing_early_stopping_metric_is_an_error():

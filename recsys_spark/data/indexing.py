@@ -30,3 +30,15 @@ def update_index(spark: SparkSession, ids: DataFrame, warehouse: str, table: str
     rows = numbered.map(lambda pair: (pair[0], int(pair[1] + offset + 1)))
     tb.insert_new(spark.createDataFrame(rows, schema), warehouse, table, key=id_col)
     return tb.read(spark, warehouse, table)
+
+
+def id_order(index: DataFrame, id_col: str, idx_col: str, order_col: str) -> DataFrame:
+    """(idx_col, order_col): each id's place in id order, integer ids by numeric value first (so "9"
+    before "10", "007" beside "7"), then the other ids as strings. Recomputed from the whole index, so
+    two ids keep their relative order however the index grows."""
+    numbered = (index.select(idx_col, id_col)
+                .orderBy(F.col(id_col).cast("long").asc_nulls_last(), F.col(id_col))
+                .rdd.map(lambda r: r[0]).zipWithIndex())
+    schema = T.StructType([T.StructField(idx_col, T.IntegerType(), False),
+                           T.StructField(order_col, T.IntegerType(), False)])
+    return index.sparkSession.createDataFrame(numbered.map(lambda pair: (int(pair[0]), int(pair[1]))), schema)

@@ -9,16 +9,17 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.tables import require_columns
 
+_ITEMS = "_items"
+
 
 def user_sequences(train: DataFrame, max_length: int) -> DataFrame:
-    """Each user's train items in time order (first interaction), the last ``max_length`` kept,
-    left-padded with ``PAD_IDX`` to exactly ``max_length``.
+    """Each user's train items in time order (first interaction; ties in id order), the last
+    ``max_length`` kept, left-padded with ``PAD_IDX`` to exactly ``max_length``.
 
     Columns: user_idx, items (array<int>, length max_length), length (real items, <= max_length).
     """
-    ordered = F.sort_array(F.collect_list(F.struct(tb.FIRST_TS, tb.ITEM_IDX)))
-    seqs = train.groupBy(tb.USER_IDX).agg(ordered.alias("_pairs"))
-    items = F.transform("_pairs", lambda p: p[tb.ITEM_IDX])
+    seqs = _histories(train)
+    items = F.col(_ITEMS)
     n = F.size(items)
     tail = F.slice(items, F.greatest(n - max_length + 1, F.lit(1)), max_length)
     padded = F.concat(F.array_repeat(F.lit(tb.PAD_IDX), F.greatest(max_length - n, F.lit(0))), tail)
@@ -29,6 +30,46 @@ def user_sequences(train: DataFrame, max_length: int) -> DataFrame:
     )
 
 
+def _histories(train: DataFrame) -> DataFrame:
+    """(user_idx, _items): each user's train items in time order (first interaction; ties in id order)."""
+    ordered = F.sort_array(F.collect_list(F.struct(tb.FIRST_TS, tb.item_tie(train).alias("_tie"), tb.ITEM_IDX)))
+    return train.groupBy(tb.USER_IDX).agg(F.transform(ordered, lambda p: p[tb.ITEM_IDX]).alias(_ITEMS))
+
+
+def user_windows(train: DataFrame, max_length: int) -> DataFrame:
+    """Every transition of each user's train history as training rows: :func:`windows` of the
+    time-ordered history (first interaction; ties in id order). Columns: user_idx, items, length."""
+    return windows(_histories(train), tb.USER_IDX, max_length)
+
+
+def windows(histories: DataFrame, key: str, max_length: int) -> DataFrame:
+    """``histories`` (key, ``_items``: each key's items in order) as training rows: windows of
+    ``max_length`` items cut from the end, each overlapping the next by one item, so that each (item, next
+    item) pair is in exactly one window; windows are left-padded with ``PAD_IDX``.
+
+    A history of n items gives ceil((n - 1) / (max_length - 1)) windows (one for n <= max_length, then
+    the same row as ``user_sequences``). Columns: key, items (array<int>, length max_length), length.
+    """
+    items = F.col(_ITEMS)
+    n = F.size(items)
+    ends = F.sequence(n, F.lit(2), F.lit(-(max_length - 1)))  # 1-based end of each window, the last first
+    cut = histories.filter(n >= 1).select(key, _ITEMS, F.explode(F.when(n >= 2, ends).otherwise(F.array(n)))
+                                          .alias("_end"))
+    start = F.greatest(F.col("_end") - max_length + 1, F.lit(1))
+    length = F.col("_end") - start + 1
+    padded = F.concat(F.array_repeat(F.lit(tb.PAD_IDX), max_length - length), F.slice(items, start, length))
+    return cut.select(key, padded.cast("array<int>").alias(tb.ITEMS), length.cast("int").alias(tb.LENGTH))
+
+
+def session_windows(sessions: DataFrame, max_length: int) -> DataFrame:
+    """Every transition of every session of ``silver/sessions`` rows (session_id, item_idx, position) as
+    :func:`windows`, left-padded. Columns: session_id, items, length."""
+    require_columns(sessions, [tb.SESSION_ID, tb.ITEM_IDX, tb.POSITION], "sessions")
+    ordered = F.sort_array(F.collect_list(F.struct(tb.POSITION, tb.ITEM_IDX)))
+    histories = sessions.groupBy(tb.SESSION_ID).agg(F.transform(ordered, lambda p: p[tb.ITEM_IDX]).alias(_ITEMS))
+    return windows(histories, tb.SESSION_ID, max_length)
+
+
 def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
     """Events cut into sessions: a new session starts after ``gap_minutes`` of inactivity, or when the
     source's own session id changes.
@@ -36,7 +77,7 @@ def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
     Columns: session_id (``<user_idx>-<n>``), user_idx, item_idx, event_time, position (0-based).
     """
     key = F.coalesce(F.col(tb.SESSION_ID), F.lit(""))
-    by_user = Window.partitionBy(tb.USER_IDX).orderBy(tb.EVENT_TIME, tb.ITEM_IDX)
+    by_user = Window.partitionBy(tb.USER_IDX).orderBy(tb.EVENT_TIME, tb.item_tie(indexed_events))
     previous_time = F.lag(tb.EVENT_TIME).over(by_user)
     previous_key = F.lag(key).over(by_user)
     starts = (
@@ -49,7 +90,7 @@ def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
         .withColumn("_n", F.sum("_start").over(by_user.rowsBetween(Window.unboundedPreceding, 0)))
         .withColumn(tb.SESSION_ID, F.concat_ws("-", F.col(tb.USER_IDX).cast("string"), F.col("_n")))
     )
-    in_session = Window.partitionBy(tb.SESSION_ID).orderBy(tb.EVENT_TIME, tb.ITEM_IDX)
+    in_session = Window.partitionBy(tb.SESSION_ID).orderBy(tb.EVENT_TIME, tb.item_tie(indexed_events))
     return numbered.select(
         tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.EVENT_TIME,
         (F.row_number().over(in_session) - 1).alias("position"),

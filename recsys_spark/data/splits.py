@@ -18,12 +18,13 @@ TEMPORAL = "temporal"
 
 
 def leave_last_out(interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """Each user's most recent item (ties broken by the larger item index) is the test item.
+    """Each user's most recent item is the test item; at one timestamp, the one last in id order
+    (``tables.item_tie``: "10" after "9").
 
     Users with a single item stay whole in train: holding it out would leave nothing to learn from.
     """
     by_user = Window.partitionBy(tb.USER_IDX)
-    latest = Window.partitionBy(tb.USER_IDX).orderBy(F.desc(tb.LAST_TS), F.desc(tb.ITEM_IDX))
+    latest = Window.partitionBy(tb.USER_IDX).orderBy(F.desc(tb.LAST_TS), tb.item_tie(interactions).desc())
     ranked = (
         interactions.withColumn("_n", F.count(F.lit(1)).over(by_user))
         .withColumn("_pos", F.row_number().over(latest))

@@ -133,17 +133,19 @@ def read_json(path: str) -> dict:
         return json.load(fh)
 
 
-def training_history(path: str) -> list[dict[str, Any]]:
-    """The per-epoch history a saved model keeps in its ``model.json`` (torch models), or [] when there is
-    none or the file cannot be read: for the tracker and the run report, which only display it."""
+def training_record(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-epoch history, summary: best epoch, steps to best, wall time) a saved torch model keeps in its
+    ``model.json``; ([], {}) when there is none or the file cannot be read. For the tracker and the run
+    report, which only display them."""
     location = path.removeprefix("file://")
     if "://" in location:
-        return []  # models are saved with plain file IO; nothing to read on object storage
+        return [], {}  # models are saved with plain file IO; nothing to read on object storage
     try:
-        history = read_json(location).get("history")
+        meta = read_json(location)
     except FileNotFoundError:
-        return []
+        return [], {}
     except (OSError, ValueError) as exc:
-        log.warning("cannot read the training history in %s: %s", location, exc)
-        return []
-    return history if isinstance(history, list) else []
+        log.warning("cannot read the training record in %s: %s", location, exc)
+        return [], {}
+    history, summary = meta.get("history"), meta.get("training")
+    return (history if isinstance(history, list) else []), (summary if isinstance(summary, dict) else {})

@@ -198,8 +198,8 @@ class DeepFMParams(TorchParams):
     DeepFM ranks); the candidate model must recommend first."""
 
     net: DeepFMNetParams = DeepFMNetParams()
-    train: TrainConfig = TrainConfig(epochs=20, batch_size=256, lr=0.001, optimizer="adam", schedule="constant",
-                                     early_stopping_metric="ndcg@10", patience=3)
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=512, lr=0.001, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="ndcg@10", patience=3, validate_every_steps=100)
     candidates: str | None = Field(None, description="model whose gold/recommendations rows are re-ranked")
     candidates_k: int = Field(100, gt=0, description="candidates per user: the candidate model's top ranks")
     fusion: Literal["none", "rrf"] = Field(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -29,29 +28,24 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 from torch import Tensor, nn
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
-from recsys_spark.data.sequences import session_item_arrays, user_sequences
 from recsys_spark.data.session_batches import SessionData, SessionParallelBatches, Step, sessions_from_padded
-from recsys_spark.errors import RecsysError
 from recsys_spark.evaluate.sessions import ModuleScorer, ScoreFn, next_item_metrics
-from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.models.sequence_base import SequenceRecommender
+from recsys_spark.models.torch_base import TorchParams
 from recsys_spark.nn import gru4rec as g4r
 from recsys_spark.nn.gru4rec import GRU4Rec
-from recsys_spark.scoring import matrix_frame, sequence_vectors, similar_from_factors, top_k_from_factors
-from recsys_spark.tables import require_columns
+from recsys_spark.scoring import matrix_frame, similar_from_factors
 from recsys_spark.train.distributed import unwrap
 from recsys_spark.train.task import SampledTask, evaluating, model_device
 from recsys_spark.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
-SEQUENCES_DIR = "sequences"
-KEY = "_key"  # a training row's key: user_idx (user histories) or session_id (sessions)
 
 
 class GRU4RecNetParams(Section):
@@ -278,91 +272,38 @@ class GRU4RecParams(TorchParams):
     (``GRU4RecTask.ddp_forward``)."""
 
     net: GRU4RecNetParams = GRU4RecNetParams()
-    train: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=0.005, optimizer="adam", schedule="constant",
-                                     early_stopping_metric="recall@20", patience=3)
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=64, lr=0.005, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="recall@20", patience=3, validate_every_steps=100)
 
 
-class GRU4RecRecommender(TorchRecommender):
-    """GRU4Rec at the user level: each user's train items in time order (first interaction; the last
-    ``net.max_length``, as ``user_sequences`` cuts them) are one long session.
+class GRU4RecRecommender(SequenceRecommender):
+    """GRU4Rec at the user level: each user's train items in time order (first interaction) are one long
+    session, trained on as windows of ``net.max_length`` that cover every transition, validated on the
+    whole windows of ``validation_users`` users with the next-item protocol; recommending reads the last
+    ``net.max_length`` items (see ``models.sequence_base``).
 
     ``recommend`` runs the GRU over each user's sequence on the executors; the final output h scores item
     j as ``<h, W_j> + b_j``, expressed as user factors ``[h, 1]`` and item factors ``[W_j, b_j]`` so the
-    shared dot-product top-k applies (and gold/*_embeddings get those vectors). :meth:`fit_sessions`
-    trains the same network on real sessions (``silver/sessions``) for the next-item protocol; such a
-    model scores sessions (:meth:`scorer`), not users.
+    shared dot-product top-k applies (and gold/*_embeddings get those vectors). ``fit_sessions`` trains
+    the same network on real sessions (``silver/sessions``) for the next-item protocol.
     """
 
     name = "gru4rec"
     network = GRU4Rec
     params_class = GRU4RecParams
+    append_one = True
 
-    def __init__(self, params: GRU4RecParams | None = None) -> None:
-        super().__init__(params)
-        self._sequences: DataFrame | None = None  # (user_idx, items, length): what recommend encodes
-        self._rows: DataFrame | None = None  # training rows (_key, items, length)
-        self._min_items = 0
+    def max_length(self) -> int:
+        return self.params.net.max_length
 
-    def _fit(self, train: DataFrame) -> None:
-        require_columns(train, [tb.FIRST_TS], "gru4rec training data")
-        self._sequences = user_sequences(train, self.params.net.max_length).localCheckpoint()
-        self._rows = self._sequences.withColumnRenamed(tb.USER_IDX, KEY)
-        self._min_items = 0
-        super()._fit(train)
-
-    def fit_sessions(self, sessions: DataFrame, n_items: int | None = None) -> GRU4RecRecommender:
-        """Train on sessions (``silver/sessions`` rows: session_id, user_idx, item_idx, position), each
-        session one sequence (its last ``net.max_length`` items). ``n_items``: the catalogue the scores
-        cover (default: the largest item_idx of ``sessions`` + 1); items of later sessions must be in it."""
-        require_columns(sessions, [tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.POSITION], "gru4rec sessions")
-        arrays = session_item_arrays(sessions, min_length=2, max_length=self.params.net.max_length)
-        self._rows = arrays.withColumnRenamed(tb.SESSION_ID, KEY).localCheckpoint()
-        self._sequences = None
-        self._min_items = n_items or 0
-        super()._fit(sessions.select(tb.USER_IDX, tb.ITEM_IDX))
-        return self
-
-    def fit_session_scorer(self, sessions: DataFrame, n_items: int) -> GRU4RecScorer:
-        return self.fit_sessions(sessions, n_items).scorer()
-
-    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
-        return n_users, max(n_items, self._min_items)
-
-    def _training_data(self, train: DataFrame):
-        rows = self._rows.filter(F.col(tb.LENGTH) >= 2)  # one item: no (input, target) pair
-        n_val = self.params.validation_users
-        holdout = None
-        if n_val:
-            n_rows = rows.count()
-            if n_val > n_rows // 5:
-                log.warning("%s: %d sequences; holding out %d instead of validation_users=%d", self.name,
-                            n_rows, n_rows // 5, n_val)
-                n_val = n_rows // 5
-            val = self._validation_users(rows, key=KEY).limit(n_val).select(KEY, F.lit(True).alias("_val"))
-            marked = rows.join(val, KEY, "left")
-            held = marked.filter(F.col("_val").isNotNull()).orderBy(KEY).select(tb.ITEMS).collect()
-            log.info("%s: collected %d validation sequences to the driver", self.name, len(held))
-            holdout = [[i for i in row[0] if i != tb.PAD_IDX] for row in held] or None
-            rows = marked.filter(F.col("_val").isNull())
-        return rows.select(tb.ITEMS), holdout
+    def _user_holdout(self, train: DataFrame):
+        return self._hold_out_sequences(self._user_rows(train))
 
     def _task(self, item_counts, holdout):
         return GRU4RecTask(self.params.net, self.n_items, item_counts, holdout_sessions=holdout, k=20)
 
     def scorer(self) -> GRU4RecScorer:
-        """The trained network as a session scorer (weights as numpy, broadcastable)."""
         return GRU4RecScorer(self.snapshot())
-
-    def _user_vectors(self, users: DataFrame) -> DataFrame:
-        """(user_idx, embedding [h, 1]): the GRU's final output over each user's sequence."""
-        if self._sequences is None:
-            raise RecsysError("this gru4rec model was trained on sessions (fit_sessions): it scores sessions "
-                              "(scorer()), not users")
-        return sequence_vectors(self._sequences, users, self._broadcast_network(users.sparkSession),
-                                self.users_per_block, append_one=True)
-
-    def user_factors(self) -> DataFrame | None:
-        return None if self._sequences is None else self._user_vectors(self._users)
 
     def item_factors(self) -> DataFrame:
         """(item_idx, [W_j, b_j]): output embedding and bias, so that ``[h, 1] . [W_j, b_j]`` is the score."""
@@ -370,25 +311,10 @@ class GRU4RecRecommender(TorchRecommender):
         b = self.module.out_bias.weight.detach().cpu().numpy()  # [n_items, 1]
         return matrix_frame(self._users.sparkSession, np.concatenate([w, b], axis=1), tb.ITEM_IDX)
 
-    def _recommend(self, users, k, seen, exclude_items):
-        return top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
-                                  self.users_per_block)
-
     def _similar_items(self, k: int) -> DataFrame:
         """Cosine of the output embeddings W alone: the bias b says how popular an item is, not what it is like."""
         w = matrix_frame(self._users.sparkSession, self.module.out_emb.weight.detach().cpu().numpy(), tb.ITEM_IDX)
         return similar_from_factors(w, k, self.users_per_block)
-
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"level": "users" if self._sequences is not None else "sessions"}
-
-    def _save_extra(self, path: str) -> None:
-        if self._sequences is not None:
-            self._sequences.write.mode("overwrite").parquet(os.path.join(path, SEQUENCES_DIR))
-
-    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        if meta.get("level", "users") == "users":
-            self._sequences = spark.read.parquet(os.path.join(path, SEQUENCES_DIR))
 
 
 class GRU4RecScorer(ModuleScorer):

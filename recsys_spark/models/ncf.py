@@ -57,8 +57,8 @@ class NCFParams(TorchParams):
     """Hyper-parameters of ``ncf`` (``conf/models/ncf.yaml``)."""
 
     net: NCFNetParams = NCFNetParams()
-    train: TrainConfig = TrainConfig(epochs=20, batch_size=256, lr=0.001, optimizer="adam", schedule="constant",
-                                     early_stopping_metric="ndcg@10", patience=3)
+    train: TrainConfig = TrainConfig(epochs=50, batch_size=512, lr=0.001, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="ndcg@10", patience=3, validate_every_steps=100)
 
 
 class NCFTask(SampledTask):

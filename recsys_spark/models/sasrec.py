@@ -1,8 +1,10 @@
 """SASRec (Kang & McAuley 2018): causal self-attention over each user's time-ordered history.
 
 The network is ``recsys_spark.nn.sasrec``. Training (:class:`SASRecTask`): each user's train items in
-time order (first interaction), the last ``max_len``, left-padded; every position predicts the next item,
-with full-softmax cross-entropy (default), the paper's one-negative BCE, or a sampled softmax.
+time order (first interaction), cut from the end into windows of ``max_len`` that overlap by one item,
+so every transition of the history is trained on once (as the reference implementations do); every
+position predicts the next item, with full-softmax cross-entropy (default), the paper's one-negative
+BCE, or a sampled softmax. Inference reads each user's last ``max_len`` items.
 Validation: each of ``validation_users`` users' latest train item is held out; the sequence before it
 ranks the whole catalogue, the user's other train items filtered. Recommending encodes each user's
 sequence on the executors (the last position's hidden state) and takes the dot product with the item
@@ -12,30 +14,28 @@ is the same network on the session protocol (``recsys_spark.evaluate.sessions``)
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from torch import Tensor, nn
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.data.sequences import user_sequences
-from recsys_spark.data.session_batches import PAD
-from recsys_spark.evaluate.sessions import ModuleScorer, ScoreFn
-from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.data.session_batches import PAD, SessionData
+from recsys_spark.evaluate.sessions import ModuleScorer, ScoreFn, next_item_metrics
+from recsys_spark.models.sequence_base import SequenceRecommender
+from recsys_spark.models.torch_base import TorchParams
 from recsys_spark.nn.sasrec import SASRec
-from recsys_spark.scoring import matrix_frame, sequence_vectors, top_k_from_factors
-from recsys_spark.tables import require_columns
+from recsys_spark.scoring import matrix_frame
 from recsys_spark.train import losses, negatives
 from recsys_spark.train.distributed import unwrap
-from recsys_spark.train.task import Holdout, SampledTask
+from recsys_spark.train.task import Holdout, SampledTask, evaluating
 from recsys_spark.train.trainer import TrainConfig
-
-SEQUENCES_DIR = "sequences"
 
 
 class SASRecNetParams(Section):
@@ -69,14 +69,27 @@ class SASRecNetParams(Section):
 
 class SASRecTask(SampledTask):
     """SASRec on left-padded sequences (``items`` [B, L], PAD_IDX = -1): input ``seq[:, :-1]``, target
-    ``seq[:, 1:]``; positions whose input or target is padding are left out of the loss."""
+    ``seq[:, 1:]``; positions whose input or target is padding are left out of the loss.
+
+    Validation: ``holdout`` (each user's held-out next item, HR/NDCG@10), or ``holdout_sessions`` (whole
+    sequences, the next-item protocol at 10 and 20, as the session protocol scores them)."""
 
     columns = [tb.ITEMS]
 
     def __init__(self, params: SASRecNetParams, n_items: int, item_counts: np.ndarray | None = None,
-                 holdout: Holdout | None = None) -> None:
+                 holdout: Holdout | None = None, holdout_sessions: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__(params.seed, n_items, item_counts, params.popularity_exponent, holdout)
         self.params = params
+        self.holdout_sessions = None if holdout_sessions is None else SessionData.from_lists(holdout_sessions)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        if self.holdout_sessions is None:
+            return super().validate(model)
+        inner = unwrap(model)
+        with evaluating(inner):
+            scorer = SASRecScorer.from_model(inner, live=True)
+            values = next_item_metrics(scorer.start(256), self.holdout_sessions, ks=[10, 20])
+        return {key: v for key, v in values.items() if "@" in key}
 
     def build_model(self) -> nn.Module:
         p = self.params
@@ -114,62 +127,44 @@ class SASRecParams(TorchParams):
     """Hyper-parameters of ``sasrec`` (``conf/models/sasrec.yaml``)."""
 
     net: SASRecNetParams = SASRecNetParams()
-    train: TrainConfig = TrainConfig(epochs=200, batch_size=128, lr=0.001, optimizer="adam", schedule="constant",
-                                     early_stopping_metric="ndcg@10", patience=10)
+    train: TrainConfig = TrainConfig(epochs=300, batch_size=128, lr=0.001, optimizer="adam", schedule="constant",
+                                     early_stopping_metric="ndcg@10", patience=5, validate_every_steps=100)
 
 
-class SASRecRecommender(TorchRecommender):
-    """SASRec over each user's train sequence; recommends from the representation of the last position."""
+class SASRecRecommender(SequenceRecommender):
+    """SASRec over each user's train sequence; recommends from the representation of the last position
+    (see ``models.sequence_base`` for the user and session levels)."""
 
     name = "sasrec"
     network = SASRec
     params_class = SASRecParams
 
-    def __init__(self, params: SASRecParams | None = None) -> None:
-        super().__init__(params)
-        self._sequences: DataFrame | None = None  # (user_idx, items, length) of the whole train split
+    def max_length(self) -> int:
+        return self.params.net.max_len
 
-    def _fit(self, train: DataFrame) -> None:
-        require_columns(train, [tb.FIRST_TS], "sasrec training data")
-        self._sequences = user_sequences(train, self.params.net.max_len).localCheckpoint()
-        super()._fit(train)
-
-    def _training_data(self, train: DataFrame):
+    def _user_holdout(self, train: DataFrame):
         # The hold-out's "latest" item is the last of the sequence: both order by first interaction.
         fit_rows, held = self._hold_out_last(train, order=tb.FIRST_TS)
-        sequences = user_sequences(fit_rows, self.params.net.max_len)
         holdout = None
         if held is not None:
             users = fit_rows.sparkSession.createDataFrame(held[[tb.USER_IDX]].astype("int32"))
-            inputs = sequences.join(users, tb.USER_IDX).orderBy(tb.USER_IDX).toPandas()  # before the target
+            inputs = (user_sequences(fit_rows, self.max_length()).join(users, tb.USER_IDX)
+                      .orderBy(tb.USER_IDX).toPandas())  # the last max_len items before the held-out one
             held = held[held[tb.USER_IDX].isin(inputs[tb.USER_IDX])].reset_index(drop=True)
             holdout = self._holdout(np.stack(inputs[tb.ITEMS].to_numpy()).astype(np.int64), held)
-        return sequences.select(tb.ITEMS), holdout
+        return self._user_rows(fit_rows).select(tb.ITEMS), holdout
 
     def _task(self, item_counts, holdout):
-        return SASRecTask(self.params.net, self.n_items, item_counts, holdout)
+        if isinstance(holdout, Holdout) or holdout is None:
+            return SASRecTask(self.params.net, self.n_items, item_counts, holdout)
+        return SASRecTask(self.params.net, self.n_items, item_counts, holdout_sessions=holdout)
 
-    def _user_vectors(self, users: DataFrame) -> DataFrame:
-        """(user_idx, embedding): the last position's hidden state over each user's sequence."""
-        return sequence_vectors(self._sequences, users, self._broadcast_network(users.sparkSession),
-                                self.users_per_block)
-
-    def user_factors(self) -> DataFrame:
-        return self._user_vectors(self._users)
+    def scorer(self) -> SASRecScorer:
+        return SASRecScorer(self.snapshot())
 
     def item_factors(self) -> DataFrame:
         return matrix_frame(self._users.sparkSession, self.module.item_embeddings().detach().cpu().numpy(),
                             tb.ITEM_IDX)
-
-    def _recommend(self, users, k, seen, exclude_items):
-        return top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
-                                  self.users_per_block)
-
-    def _save_extra(self, path: str) -> None:
-        self._sequences.write.mode("overwrite").parquet(os.path.join(path, SEQUENCES_DIR))
-
-    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        self._sequences = spark.read.parquet(os.path.join(path, SEQUENCES_DIR))
 
 
 class SASRecScorer(ModuleScorer):

@@ -57,7 +57,8 @@ class TorchParams(Section):
     backend: Literal["horovod", "torch", "local"] = "horovod"
     num_proc: int = Field(2, ge=1, description="training ranks (Spark task slots for horovod/torch)")
     resume: bool = Field(False, description="continue from the last checkpoint of this run")
-    validation_users: int = Field(500, ge=0, description="users whose last train item picks the best epoch")
+    validation_users: int = Field(3000, ge=0, description="users whose last train item is held out to pick the "
+                                                         "best epoch (all users, up to this many)")
     train: TrainConfig = TrainConfig()
 
     removed_keys: ClassVar[dict[str, str]] = {
@@ -91,6 +92,7 @@ class TorchRecommender(Recommender):
         super().__init__(params)
         self.module = None
         self.history: list[dict[str, float]] = []
+        self.training: dict[str, Any] = {}  # how training went: best epoch, steps to best, wall time
         self.ranks: list[dict[str, Any]] = []
         self.n_users = self.n_items = 0
         self._users: DataFrame | None = None
@@ -136,8 +138,11 @@ class TorchRecommender(Recommender):
         result = results[0][0]
         self.ranks = [where for _, where in results]
         self.module = build_module(self.network_class(), result.init_kwargs, result.state_dict)
-        samples = steps * config.batch_size * ranks
+        samples = steps * loaders.rank_batch_size(config.batch_size, ranks) * ranks
         self.history = [{**row, "samples_per_s": samples / row["seconds"]} for row in result.history]
+        self.training = {"best_epoch": result.best_epoch, "steps_to_best": result.best_step,
+                         "steps_per_epoch": steps, "epochs_run": len(result.history),
+                         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 3)}
 
     def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
         """(users, items) the network is built for, given the training data's (largest index + 1)."""
@@ -162,13 +167,15 @@ class TorchRecommender(Recommender):
         """(train rows less each validation user's latest item, the held-out rows or None).
 
         The one hold-out of the models that validate on next items. Validation users are drawn among those
-        with >= 2 items; a user's latest item is the one with the largest ``order`` (ties: the larger
-        item_idx). The held-out rows are collected to the driver, one per validation user, with
-        ``user_idx``, ``_target`` and ``_seen`` (the user's other train items, filtered from the ranking).
+        with >= 2 items; a user's latest item is the one with the largest ``order`` (ties: the last in id
+        order, ``tables.item_tie``, as the splits break them). The held-out rows are collected to the
+        driver, one per validation user, with ``user_idx``, ``_target`` and ``_seen`` (the user's other
+        train items, filtered from the ranking).
         """
         require_columns(train, [order], f"{self.name} training data")
         multi = train.groupBy(tb.USER_IDX).count().filter(F.col("count") >= 2).select(tb.USER_IDX)
-        latest = F.row_number().over(Window.partitionBy(tb.USER_IDX).orderBy(F.desc(order), F.desc(tb.ITEM_IDX)))
+        by_user = Window.partitionBy(tb.USER_IDX).orderBy(F.desc(order), tb.item_tie(train).desc())
+        latest = F.row_number().over(by_user)
         val_users = self._validation_users(multi).withColumn("_val", F.lit(True))
         ranked = train.join(val_users, tb.USER_IDX, "left").withColumn("_pos", latest)
         is_val = F.col("_val").isNotNull()
@@ -213,7 +220,8 @@ class TorchRecommender(Recommender):
         torch.save({k: torch.from_numpy(v) for k, v in snapshot.weights.items()}, os.path.join(path, WEIGHTS_FILE))
         write_json(path, {"model": self.name, "init_kwargs": snapshot.init_kwargs, "n_users": self.n_users,
                           "n_items": self.n_items, "params": self.params.model_dump(mode="json"),
-                          "history": self.history, "ranks": self.ranks, **self._extra_meta()})
+                          "history": self.history, "training": self.training, "ranks": self.ranks,
+                          **self._extra_meta()})
         self._users.write.mode("overwrite").parquet(os.path.join(path, USERS_DIR))
         self._save_extra(path)
 
@@ -236,7 +244,7 @@ class TorchRecommender(Recommender):
         state = torch.load(os.path.join(path, WEIGHTS_FILE), weights_only=True)
         model.module = build_module(model.network_class(), meta["init_kwargs"], state)
         model.n_users, model.n_items, model.history = meta["n_users"], meta["n_items"], meta["history"]
-        model.ranks = meta.get("ranks", [])
+        model.ranks, model.training = meta.get("ranks", []), meta.get("training", {})
         model._users = spark.read.parquet(os.path.join(path, USERS_DIR))
         model._load_extra(spark, path, meta)
         return model

@@ -23,11 +23,13 @@ from pyspark.sql import functions as F
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import training_history
+from recsys_spark.models.base import training_record
 
 log = logging.getLogger(__name__)
 
 _BUCKET = "bucket"
+# The torch models' training summary (model.json "training"), as the report's table shows it.
+TRAINING_COLUMNS = ["epochs_run", "best_epoch", "steps_to_best", "steps_per_epoch", "stopped_early", "train_seconds"]
 COUNT = "count"  # the count column of the collected aggregates (events, users, items per bucket)
 
 
@@ -39,6 +41,7 @@ class ReportData:
     run_id: str
     metrics: pd.DataFrame                                   # run_date, model, split, metric, k, value
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # model -> epochs
+    training: pd.DataFrame | None = None                    # model, epochs_run, best_epoch, steps_to_best, ...
     recommendations: pd.DataFrame | None = None             # model, split, users, rows, items
     events_per_day: pd.DataFrame | None = None              # event_date, event_type, count
     active_per_day: pd.DataFrame | None = None              # event_date, users, items
@@ -57,7 +60,7 @@ class ReportData:
 
         return {
             "warehouse": self.warehouse, "run_id": self.run_id, "models": self.models,
-            "metrics": records(self.metrics), "histories": self.histories,
+            "metrics": records(self.metrics), "histories": self.histories, "training": records(self.training),
             "recommendations": records(self.recommendations), "events_per_day": records(self.events_per_day),
             "active_per_day": records(self.active_per_day), "interactions_per_user": records(self.user_buckets),
             "interactions_per_item": records(self.item_buckets), "profile": self.profile, "notes": self.notes,
@@ -84,7 +87,7 @@ def collect(spark: SparkSession, warehouse: str, run_id: str | None = None) -> R
     metrics = (metrics.assign(_rank=metrics[tb.MODEL].map(rank))
                .sort_values(["_rank", tb.SPLIT, tb.METRIC, tb.K]).drop(columns="_rank").reset_index(drop=True))
     data = ReportData(warehouse=warehouse, run_id=run_id, metrics=metrics)
-    data.histories = _histories(warehouse, metrics)
+    data.histories, data.training = _training(warehouse, metrics)
 
     if _have(spark, warehouse, tb.RECOMMENDATIONS, data):
         recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).filter(F.col(tb.RUN_ID) == run_id)
@@ -180,11 +183,13 @@ def _model_order(metrics: pd.DataFrame) -> list[str]:
     return sorted(models, key=lambda m: (-first.get(m, -math.inf), m))
 
 
-def _histories(warehouse: str, metrics: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
-    """The per-epoch training history of each model of the run (torch models keep one; others do not)."""
-    histories = {}
-    for model, rows in metrics.groupby(tb.MODEL, sort=False):
-        history = training_history(tb.model_dir(warehouse, str(model), rows[tb.RUN_DATE].max()))
+def _training(warehouse: str, metrics: pd.DataFrame) -> tuple[dict[str, list[dict[str, Any]]], pd.DataFrame | None]:
+    """Each run model's per-epoch history and its training summary (torch models keep both; others do not)."""
+    histories, rows = {}, []
+    for model, run_rows in metrics.groupby(tb.MODEL, sort=False):
+        history, summary = training_record(tb.model_dir(warehouse, str(model), run_rows[tb.RUN_DATE].max()))
         if history:
             histories[str(model)] = history
-    return histories
+        if summary:
+            rows.append({tb.MODEL: str(model), **{k: summary.get(k) for k in TRAINING_COLUMNS}})
+    return histories, (pd.DataFrame(rows, columns=[tb.MODEL, *TRAINING_COLUMNS]) if rows else None)

@@ -184,6 +184,10 @@ def to_html(data: ReportData, images: dict[str, bytes]) -> str:
                     "stopping (dashed, right axis), from each deep model's model.json.</p>" + training)
     else:
         training = '<p class="note">No deep models in this run: ALS, item-kNN and popularity keep no epochs.</p>'
+    if data.training is not None:
+        training += ('<p class="note">How each torch model trained: epochs run, the epoch and optimizer step of '
+                     "the weights kept (the best validation), and the training loop's wall time.</p>"
+                     + _simple_table(data.training, list(data.training.columns)))
     parts.append(f"<section><h2>{SECTION_TRAINING}</h2>{training}</section>")
 
     parts.append(f"<section><h2>{SECTION_COVERAGE}</h2>"

@@ -86,11 +86,17 @@ def delete(converter: SparkDatasetConverter) -> None:
         converter.delete()
 
 
+def rank_batch_size(batch_size: int, ranks: int) -> int:
+    """Rows per step on each rank when ``batch_size`` is the global batch: ``batch_size // ranks``, at least 1."""
+    return max(1, batch_size // ranks)
+
+
 def steps_per_epoch(total_rows: int, batch_size: int, ranks: int) -> int:
-    """The number of batches every rank runs per epoch: ``total_rows // (batch_size * ranks)``, at least 1."""
+    """The number of optimizer steps every rank runs per epoch, ``batch_size`` being the global batch
+    (``total_rows // batch_size``, with the batch rounded down to a multiple of ``ranks``), at least 1."""
     if total_rows <= 0:
         raise RecsysError("the training DataFrame is empty")
-    return max(1, total_rows // (batch_size * ranks))
+    return max(1, total_rows // (rank_batch_size(batch_size, ranks) * ranks))
 
 
 def load_shard(converter: SparkDatasetConverter, rank: int, size: int, columns: list[str]) -> ShardData:

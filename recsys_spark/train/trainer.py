@@ -32,7 +32,7 @@ from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.train import checkpoint as ckpt
 from recsys_spark.train.distributed import DistContext, rank_seed, seed_everything
-from recsys_spark.train.loaders import ShardData, batches, load_shard, shard_to
+from recsys_spark.train.loaders import ShardData, batches, load_shard, rank_batch_size, shard_to
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class TrainTask(Protocol):
 class TrainConfig(Section):
     """Optimisation, schedule, early stopping and checkpoints for :func:`fit`.
 
+    How long to train does not depend on the number of ranks or the size of the data: ``batch_size`` is the
+    global batch (so 1 and 8 ranks run the same optimizer steps), validation falls after the epochs that
+    complete another ``validate_every_steps`` steps, and ``patience`` counts validations, so patience is
+    about ``patience * validate_every_steps`` optimizer steps whether an epoch holds 3 steps or 3,000.
+
     Learning rate at global step ``s`` of ``S = epochs * steps_per_epoch``: linear warm-up from
     ``lr / W`` to ``lr`` over the first ``W = warmup_fraction * S`` steps, then ``schedule``: ``cosine``
     (half a cosine from ``lr`` down to ``min_lr_fraction * lr`` at the last step), ``linear`` (a straight
@@ -86,8 +91,9 @@ class TrainConfig(Section):
     run continues it exactly.
     """
 
-    epochs: int = Field(20, gt=0)
-    batch_size: int = Field(1024, gt=0, description="rows per rank per step")
+    epochs: int = Field(20, gt=0, description="passes over the data at most")
+    batch_size: int = Field(1024, gt=0, description="rows per optimizer step, all ranks together (each rank "
+                                                    "takes batch_size // ranks): the same steps on 1 or 8 ranks")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adam"] = "adamw"
@@ -95,7 +101,10 @@ class TrainConfig(Section):
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of all steps spent warming up")
     min_lr_fraction: float = Field(0.0, ge=0, le=1, description="final lr as a share of lr")
     early_stopping_metric: str | None = Field(None, description="validation metric to maximise, e.g. ndcg@10")
-    patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+    validate_every_steps: int = Field(
+        1, ge=1, description="validate after the epochs that complete another this-many optimizer steps (and after "
+                             "the last): with few steps per epoch, validation and patience span several epochs")
+    patience: int = Field(3, ge=1, description="validations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smallest gain that counts as an improvement")
     seed: int = Field(42, ge=0)
     checkpoint_dir: str | None = Field(None, description="written by rank 0; shared storage on a cluster")
@@ -117,8 +126,8 @@ class TrainResult:
 
     ``state_dict``: CPU weights of the best epoch by ``early_stopping_metric``, or of the last epoch
     when no metric is set. ``history``: one row per completed epoch (including epochs before a resume):
-    ``epoch`` (1-based), ``train_loss`` (mean over steps and ranks), ``lr``, ``seconds`` and the
-    validation metrics. The same history is on every rank.
+    ``epoch`` (1-based), ``train_loss`` (mean over steps and ranks), ``lr``, ``seconds`` and, on the
+    epochs that validated, the validation metrics. The same history is on every rank.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -126,6 +135,8 @@ class TrainResult:
     best_epoch: int | None
     stopped_early: bool = False
     init_kwargs: dict[str, Any] = field(default_factory=dict)
+    best_step: int | None = None  # optimizer steps to the returned weights
+    seconds: float = 0.0  # wall time of the training loop on this rank
 
 
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -155,15 +166,29 @@ class _Progress:
     best_score: float | None = None
 
 
+def validations(from_epoch: int, to_epoch: int, steps_per_epoch: int, config: TrainConfig) -> int:
+    """How many validations fall after epochs ``from_epoch + 1 .. to_epoch``: one after each epoch that
+    crosses another multiple of ``validate_every_steps`` optimizer steps (every epoch, when an epoch has at
+    least that many steps). A function of the epochs alone, so a resumed run validates where an
+    uninterrupted one would."""
+    every = config.validate_every_steps
+    if steps_per_epoch >= every:
+        return to_epoch - from_epoch
+    return (to_epoch * steps_per_epoch) // every - (from_epoch * steps_per_epoch) // every
+
+
 def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: int, config: TrainConfig) -> TrainResult:
     """Train ``task`` on this rank's ``shard`` for ``config.epochs`` epochs of ``steps_per_epoch`` steps.
 
-    Every rank must pass the same ``steps_per_epoch`` (``loaders.steps_per_epoch`` on the driver).
-    Rank 0 validates, writes a checkpoint every epoch (when ``checkpoint_dir`` is set) and decides
-    early stopping; the decision is broadcast, so all ranks stop after the same epoch.
+    Every rank must pass the same ``steps_per_epoch`` (``loaders.steps_per_epoch`` on the driver) and
+    draws ``batch_size // ranks`` rows per step. Rank 0 validates when due (see :func:`validations`),
+    writes a checkpoint every epoch (when ``checkpoint_dir`` is set) and decides early stopping; the
+    decision is broadcast, so all ranks stop after the same epoch.
     """
     if steps_per_epoch < 1:
         raise RecsysError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    fit_started = time.perf_counter()
+    rank_batch = rank_batch_size(config.batch_size, ctx.size)
     torch.manual_seed(config.seed)  # the same initial weights everywhere; the broadcast below makes sure
     model = task.build_model().to(ctx.device)
     init_kwargs = json.loads(json.dumps(getattr(model, "init_kwargs", {})))  # as a checkpoint reads it back
@@ -186,7 +211,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
     autocast = config.bf16 and ctx.device.type == "cuda"
     # A resumed run that had already run out of patience stays stopped.
     stopped_early = config.early_stopping_metric is not None and progress.best_epoch is not None and (
-        progress.epoch - progress.best_epoch >= config.patience
+        validations(progress.best_epoch, progress.epoch, steps_per_epoch, config) >= config.patience
     )
     last_epoch = progress.epoch if stopped_early else config.epochs
     bar = tqdm(
@@ -203,7 +228,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
             seed_everything(rank_seed(config.seed, ctx.rank, epoch))
             generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx.rank, epoch, 1))
             loss_sum = torch.zeros((), device=ctx.device)
-            for step, batch in enumerate(batches(shard, config.batch_size, steps_per_epoch, generator)):
+            for step, batch in enumerate(batches(shard, rank_batch, steps_per_epoch, generator)):
                 lr = config.lr * lr_factor(epoch * steps_per_epoch + step, total_steps, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -222,8 +247,9 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
             if ctx.is_main:
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
                        "seconds": time.perf_counter() - started}
+                due = validations(epoch, epoch + 1, steps_per_epoch, config) > 0 or epoch + 1 == config.epochs
                 decision, best_state = _end_epoch(task, model, optimizer, config, progress, row, best_state,
-                                                  init_kwargs)
+                                                  init_kwargs, due, steps_per_epoch)
                 bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
             progress, stop, error = ctx.broadcast_object(decision)
             if error:
@@ -239,24 +265,29 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
         weights = best_state
     else:
         weights = ckpt.cpu_state(model.state_dict())
-    return TrainResult(weights, progress.history, best_epoch, stopped_early, init_kwargs)
+    best_step = None if best_epoch is None else best_epoch * steps_per_epoch
+    return TrainResult(weights, progress.history, best_epoch, stopped_early, init_kwargs, best_step,
+                       time.perf_counter() - fit_started)
 
 
-def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_kwargs):
-    """Rank 0 after an epoch: validate, update best and history, checkpoint, decide whether to stop.
+def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_kwargs, due, steps_per_epoch):
+    """Rank 0 after an epoch: validate (when ``due``), update best and history, checkpoint, decide whether
+    to stop.
 
     Returns ``(progress, stop, error)`` for broadcasting, and the best weights so far. An exception becomes
     ``error``, so the other ranks raise too instead of waiting for a broadcast that never comes.
     """
     try:
-        model.eval()
-        with torch.no_grad():
-            metrics = {name: float(value) for name, value in task.validate(model).items()}
-        model.train()
+        metrics = {}
+        if due:
+            model.eval()
+            with torch.no_grad():
+                metrics = {name: float(value) for name, value in task.validate(model).items()}
+            model.train()
         row.update(metrics)
         progress.history.append(row)
         progress.epoch = row["epoch"]
-        metric = config.early_stopping_metric
+        metric = config.early_stopping_metric if due else None
         improved = False
         if metric is not None:
             if metric not in metrics:
@@ -265,12 +296,13 @@ def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_k
             if progress.best_score is None or score > progress.best_score + config.min_delta:
                 progress.best_epoch, progress.best_score, improved = row["epoch"], score, True
                 best_state = ckpt.cpu_state(model.state_dict())
-        stop = metric is not None and row["epoch"] - progress.best_epoch >= config.patience
+        stop = metric is not None and validations(progress.best_epoch, row["epoch"], steps_per_epoch,
+                                                  config) >= config.patience
         if config.checkpoint_dir:
             _write_checkpoints(model, optimizer, config, progress, improved, init_kwargs)
         log.info("epoch %d: %s", row["epoch"], {k: round(v, 5) for k, v in row.items() if k != "epoch"})
         if stop:
-            log.info("early stopping: %s has not improved for %d epochs (best %.5f in epoch %d)",
+            log.info("early stopping: %s has not improved for %d validations (best %.5f in epoch %d)",
                      metric, config.patience, progress.best_score, progress.best_epoch)
         return (progress, stop, None), best_state
     except Exception as exc:  # reported to every rank, then raised

@@ -1,0 +1,337 @@
+"""Every quality figure of the project from one script: one data preparation per data set, every model of
+the registry and the peers on exactly that split, each tuned on validation with the same budget, the test
+scored once.
+
+Protocol (``--help`` for the options; the JSON keeps every trial):
+
+- **Data**: each data set goes through the pipeline's own steps (ingest, interactions, features) with the
+  project's default configuration (``conf/pipeline.yaml``: 2-core activity filter, leave-last-out).
+  MovieLens 100K and the Taobao sample are scored leave-last-out (full catalogue, the user's train items
+  filtered, ``recsys_spark.evaluate.ranking``); the Yoochoose sample with the session protocol
+  (``recsys_spark.evaluate.sessions``: the sessions after the temporal cut, every click after the first a
+  query against the whole catalogue), where the models with a session form and the baselines play.
+- **Tuning**: a validation split is carved from train the way test was carved from the data (each user's
+  latest train item; for sessions, the train sessions of the last ``test_fraction`` of the train period).
+  Every model and every peer gets the same budget: exactly ``--trials`` settings (default 4), listed
+  below in ``TRIALS``, the first of each being the configured default. The setting with the best
+  validation NDCG@10 is refitted on the whole train part and scored once on test. Torch models also
+  stop early on their own hold-out from the part they are fitted on (never the validation or test items).
+- **Peers**: ``implicit`` 0.7.2 ALS (its own grid: factors, regularisation, confidence scale, BM25 or
+  raw weights) and ``implicit`` item-kNN (cosine, BM25), fitted on the same train rows, their top-N
+  (``filter_already_liked_items``) scored by the same evaluator; the session protocol's baselines
+  ``session_pop`` and ``session_itemknn`` (tuned: λ, α, neighbours).
+- **Reported**: HR@10, NDCG@10, Recall@20, catalogue coverage@10, fit seconds and, for torch models, the
+  optimizer steps to the best validation and the epochs run.
+
+Usage::
+
+    .venv/bin/python scripts/bench_quality.py [--data ../shared/data] [--datasets ml-100k,taobao,yoochoose]
+        [--models als,sasrec-ce,...] [--trials 4] [--out .bench/quality.json]
+
+Torch models train with the ``local`` launcher (one process): the quality does not depend on the
+launcher (``tests/test_distributed.py``), and two ranks on two shared cores only add overhead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per Spark task and for implicit
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from pyspark.sql import DataFrame, SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from recsys_spark import tables as tb  # noqa: E402
+from recsys_spark.config import PipelineConfig, load_config  # noqa: E402
+from recsys_spark.data import splits  # noqa: E402
+from recsys_spark.data.sequences import session_item_arrays  # noqa: E402
+from recsys_spark.evaluate.ranking import evaluate  # noqa: E402
+from recsys_spark.evaluate.sessions import ItemKNNScorer, PopularityScorer, evaluate_sessions  # noqa: E402
+from recsys_spark.models import registry  # noqa: E402
+from recsys_spark.pipeline import run_features, run_ingest, run_interactions  # noqa: E402
+from recsys_spark.session import get_spark  # noqa: E402
+
+log = logging.getLogger("bench_quality")
+
+K = 100  # recommendations per user: enough for every metric below
+TORCH = {"backend": "local", "num_proc": 1, "train": {"progress": False}}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: str
+    preset: str
+    protocol: str  # leave_last_out | sessions
+    side: tuple[str, str] | None = None  # side files for the features (MovieLens u.user, u.item)
+
+
+DATASETS = {
+    "ml-100k": Dataset("ml-100k/u.data", "movielens", "leave_last_out", ("ml-100k/u.user", "ml-100k/u.item")),
+    "taobao": Dataset("taobao/UserBehavior_head84475.csv", "taobao", "leave_last_out"),
+    "yoochoose": Dataset("yoochoose/yoochoose-clicks-100k_train_full.txt", "yoochoose", "sessions"),
+}
+
+# The settings each row tries, the configured default first: the same number for every row.
+TRIALS: dict[str, list[dict[str, Any]]] = {
+    "popularity": [{}, {"by": "weight"}, {"window_days": 30}, {"window_days": 7}],
+    "itemknn": [{}, {"weighting": "bm25"}, {"neighbours": 50, "shrink": 10.0}, {"neighbours": 300}],
+    "als": [{}, {"rank": 64, "reg_param": 0.01, "alpha": 1.0}, {"rank": 200}, {"alpha": 5.0, "reg_param": 0.1}],
+    "ncf": [{}, {"net": {"model": "gmf", "mf_dim": 64}}, {"train": {"lr": 0.003}},
+            {"net": {"n_negatives": 8, "dropout": 0.2}}],
+    "sasrec-ce": [{}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.002}}, {"net": {"d": 128, "dropout": 0.5}}],
+    "sasrec-bce": [{"net": {"loss": "bce"}}, {"net": {"loss": "bce", "dropout": 0.5}},
+                   {"net": {"loss": "bce"}, "train": {"lr": 0.002}}, {"net": {"loss": "bce", "d": 128}}],
+    "gru4rec": [{}, {"net": {"hidden": 200}}, {"train": {"lr": 0.01}}, {"net": {"loss": "bpr-max", "elu_param": 0.5,
+                                                                                 "bpreg": 1.0}}],
+    "deepfm": [{}, {"net": {"dim": 32}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    "implicit-als": [{"factors": 64, "regularization": 1.0, "alpha": 1.0, "bm25": False},
+                     {"factors": 128, "regularization": 1.0, "alpha": 1.0, "bm25": False},
+                     {"factors": 32, "regularization": 1.0, "alpha": 1.0, "bm25": True},
+                     {"factors": 64, "regularization": 0.05, "alpha": 0.3, "bm25": False}],
+    "implicit-itemknn": [{"kind": "cosine", "K": 100}, {"kind": "cosine", "K": 20},
+                         {"kind": "bm25", "K": 100}, {"kind": "bm25", "K": 20}],
+    "session_pop": [{}, {}, {}, {}],  # nothing to tune: one setting, listed as often as the others
+    "session_itemknn": [{"lam": 20.0, "alpha": 0.5, "neighbours": 100}, {"lam": 0.0, "alpha": 0.5, "neighbours": 100},
+                        {"lam": 50.0, "alpha": 0.75, "neighbours": 200}, {"lam": 20.0, "alpha": 0.5, "neighbours": 50}],
+}
+# Registry model behind each row (the sasrec rows differ by loss).
+MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
+RANKING_ROWS = ["popularity", "itemknn", "als", "ncf", "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm",
+                "implicit-als", "implicit-itemknn"]
+SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce"]
+
+
+def merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+def prepare(spark: SparkSession, data_dir: Path, name: str, root: str) -> tuple[PipelineConfig, dict]:
+    """The pipeline's own steps on one data set, with the default configuration (and the side files)."""
+    ds = DATASETS[name]
+    config = load_config(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml",
+                         [f"warehouse={os.path.join(root, name)}"])
+    if ds.side:
+        config = config.model_copy(update={"features": config.features.model_copy(update={
+            "users_file": str(data_dir / ds.side[0]), "items_file": str(data_dir / ds.side[1])})})
+    else:
+        config = config.model_copy(update={"features": config.features.model_copy(update={"format": "none"})})
+    run_ingest(spark, config, str(data_dir / ds.path), ds.preset)
+    counts = run_interactions(spark, config)
+    counts.update(run_features(spark, config))
+    return config, counts
+
+
+def ranking_scores(recs: DataFrame, test: DataFrame, train: DataFrame, n_items: int) -> dict[str, float]:
+    frame = evaluate(recs, test, train, [10, 20], n_items).toPandas()
+    value = {(m, int(k)): v for m, k, v in zip(frame[tb.METRIC], frame[tb.K], frame[tb.VALUE], strict=True)}
+    return {"hr@10": value[("hr", 10)], "ndcg@10": value[("ndcg", 10)], "recall@20": value[("recall", 20)],
+            "coverage@10": value[("coverage", 10)]}
+
+
+# -- one fit of a row ------------------------------------------------------------------------------------
+
+def fit_ours(row: str, setting: dict, config: PipelineConfig, train: DataFrame, workdir: str):
+    name = MODEL_OF.get(row, row)
+    cls = registry.model_class(name)
+    raw = merged(config.model_params.get(name, {}), setting)
+    if issubclass_torch(cls):
+        raw = merged(raw, TORCH)
+    model = cls(cls.params_class.model_validate(raw))
+    model.workdir, model.warehouse, model.users_per_block = workdir, config.warehouse, config.recommend.users_per_block
+    _, seconds = timed(lambda: model.fit(train))
+    return model, seconds
+
+
+def issubclass_torch(cls) -> bool:
+    from recsys_spark.models.torch_base import TorchRecommender
+
+    return issubclass(cls, TorchRecommender)
+
+
+def training_of(model) -> dict:
+    summary = getattr(model, "training", {}) or {}
+    return {key: summary.get(key) for key in ("steps_to_best", "epochs_run", "best_epoch")}
+
+
+def implicit_recs(spark: SparkSession, setting: dict, train: DataFrame, n_users: int, n_items: int):
+    """``implicit``'s model of ``setting`` fitted on ``train``; its top-K for every train user (seen items
+    filtered) as a (user_idx, item_idx, score, rank) frame, and the fit seconds."""
+    from implicit.als import AlternatingLeastSquares
+    from implicit.nearest_neighbours import BM25Recommender, CosineRecommender, bm25_weight
+    from scipy.sparse import csr_matrix
+    from threadpoolctl import threadpool_limits
+
+    pdf = train.select(tb.USER_IDX, tb.ITEM_IDX, tb.WEIGHT).toPandas()
+    weights = csr_matrix((pdf[tb.WEIGHT].to_numpy(np.float32), (pdf[tb.USER_IDX], pdf[tb.ITEM_IDX])),
+                         shape=(n_users, n_items), dtype=np.float32)
+    if "kind" in setting:
+        cls = BM25Recommender if setting["kind"] == "bm25" else CosineRecommender
+        model = cls(K=setting["K"], num_threads=os.cpu_count())
+        fit_matrix = weights
+    else:
+        model = AlternatingLeastSquares(factors=setting["factors"], regularization=setting["regularization"],
+                                        alpha=setting["alpha"], iterations=15, random_state=42,
+                                        num_threads=os.cpu_count())
+        fit_matrix = bm25_weight(weights, K1=100, B=0.8).tocsr().astype(np.float32) if setting["bm25"] else weights
+    users = np.unique(pdf[tb.USER_IDX].to_numpy())
+    with threadpool_limits(1, "blas"):
+        _, seconds = timed(lambda: model.fit(fit_matrix, show_progress=False))
+        ids, scores = model.recommend(users, weights[users], N=K, filter_already_liked_items=True)
+    recs = pd.DataFrame({
+        tb.USER_IDX: np.repeat(users, ids.shape[1]).astype(np.int32), tb.ITEM_IDX: ids.ravel().astype(np.int32),
+        tb.SCORE: scores.ravel().astype(np.float64),
+        tb.RANK: np.tile(np.arange(1, ids.shape[1] + 1, dtype=np.int32), len(users)),
+    })
+    recs = recs[(recs[tb.ITEM_IDX] >= 0) & np.isfinite(recs[tb.SCORE])]
+    return spark.createDataFrame(recs), seconds
+
+
+def ranking_row(spark, row: str, setting: dict, config: PipelineConfig, train: DataFrame, test: DataFrame,
+                n_users: int, n_items: int, workdir: str) -> dict:
+    """Fit ``row`` with ``setting`` on ``train`` and score it on ``test`` (validation or test)."""
+    users = train.select(tb.USER_IDX).distinct()
+    if row.startswith("implicit"):
+        recs, seconds = implicit_recs(spark, setting, train, n_users, n_items)
+        extra = {}
+    else:
+        model, seconds = fit_ours(row, setting, config, train, workdir)
+        recs, extra = model.recommend(users, K, seen=train), training_of(model)
+    return {**ranking_scores(recs, test, train, n_items), "fit_s": round(seconds, 2), **extra}
+
+
+# -- the session protocol --------------------------------------------------------------------------------
+
+def session_row(spark, row: str, setting: dict, config: PipelineConfig, train: DataFrame, test: DataFrame,
+                n_items: int, workdir: str) -> dict:
+    if row in ("session_pop", "session_itemknn"):
+        lists = [r[0] for r in session_item_arrays(train, min_length=1).select(tb.ITEMS).collect()]
+        fit = (lambda: PopularityScorer.fit(lists, n_items)) if row == "session_pop" else (
+            lambda: ItemKNNScorer.fit(lists, n_items, **setting))
+        scorer, seconds = timed(fit)
+        extra = {}
+    else:
+        name = MODEL_OF.get(row, row)
+        cls = registry.model_class(name)
+        model = cls(cls.params_class.model_validate(merged(merged(config.model_params.get(name, {}), setting),
+                                                           TORCH)))
+        model.workdir = workdir
+        scorer, seconds = timed(lambda: model.fit_session_scorer(train, n_items))
+        extra = training_of(model)
+    values = evaluate_sessions(spark, test, scorer, ks=[10, 20])
+    return {"hr@10": values["recall@10"], "ndcg@10": values["ndcg@10"], "recall@20": values["recall@20"],
+            "mrr@20": values["mrr@20"], "queries": values["n_queries"], "fit_s": round(seconds, 2), **extra}
+
+
+# -- tuning ----------------------------------------------------------------------------------------------
+
+def tune_and_test(row: str, trials: int, score_on) -> dict:
+    """``score_on(setting, part)`` for each of the row's first ``trials`` settings on validation, then the
+    best (by NDCG@10) once on test."""
+    tried, seen = [], {}
+    for setting in TRIALS[row][:trials]:
+        key = json.dumps(setting, sort_keys=True)
+        if key not in seen:  # a row with nothing to tune lists one setting several times: fit it once
+            seen[key] = score_on(setting, "validation")
+        values = seen[key]
+        tried.append({"setting": setting, **values})
+        log.info("%s %s: validation %s", row, setting, {k: round(v, 4) for k, v in values.items()
+                                                         if isinstance(v, float)})
+    best = max(tried, key=lambda t: t["ndcg@10"])
+    result = score_on(best["setting"], "test")
+    log.info("%s best %s: test %s", row, best["setting"], result)
+    return {"test": result, "best_setting": best["setting"], "trials": tried}
+
+
+def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, root: str) -> dict:
+    config, counts = prepare(spark, data_dir, name, root)
+    wh = config.warehouse
+    n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
+    n_users = tb.read(spark, wh, tb.USER_INDEX).agg(F.max(tb.USER_IDX)).first()[0] + 1
+    out: dict[str, Any] = {"tables": counts, "rows": {}}
+    if DATASETS[name].protocol == "sessions":
+        train, test = splits.session_periods(tb.read(spark, wh, tb.SESSIONS), config.interactions.test_fraction)
+        fit_part, valid = splits.session_periods(train, config.interactions.test_fraction)
+        parts = {"validation": (fit_part.persist(), valid.persist()), "test": (train.persist(), test.persist())}
+        for row in [r for r in rows if r in SESSION_ROWS]:
+            out["rows"][row] = tune_and_test(row, trials, lambda setting, part, row=row: session_row(
+                spark, row, setting, config, *parts[part], n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")))
+        return out
+    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
+    train = tb.read(spark, wh, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
+    test = tb.read(spark, wh, tb.TEST).filter(pick).drop(tb.SPLIT).persist()
+    fit_part, valid = (df.persist() for df in splits.leave_last_out(train))
+    parts = {"validation": (fit_part, valid), "test": (train, test)}
+    for row in [r for r in rows if r in RANKING_ROWS]:
+        out["rows"][row] = tune_and_test(row, trials, lambda setting, part, row=row: ranking_row(
+            spark, row, setting, config, *parts[part], n_users, n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")))
+    return out
+
+
+def table(results: dict) -> str:
+    lines = [f"{'data':10} {'model':17} {'HR@10':>7} {'NDCG@10':>8} {'Recall@20':>9} {'cov@10':>7} "
+             f"{'fit s':>8} {'steps':>6}  best setting"]
+    for data, result in results.items():
+        for row, r in result["rows"].items():
+            t = r["test"]
+            cov = t.get("coverage@10")
+            lines.append(f"{data:10} {row:17} {t['hr@10']:7.4f} {t['ndcg@10']:8.4f} {t['recall@20']:9.4f} "
+                         f"{'' if cov is None else f'{cov:7.3f}':>7} {t['fit_s']:8.1f} "
+                         f"{t.get('steps_to_best') or '':>6}  {json.dumps(r['best_setting'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--models", default=",".join(dict.fromkeys(RANKING_ROWS + SESSION_ROWS)),
+                        help="rows to run (default: all)")
+    parser.add_argument("--trials", type=int, default=4, help="settings tried per row, the same for every row")
+    parser.add_argument("--out", default=".bench/quality.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("py4j", "recsys_spark"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.trials > min(len(t) for t in TRIALS.values()):
+        raise SystemExit(f"--trials {args.trials}: some rows list fewer settings")
+    spark = get_spark("bench-quality")
+    rows = args.models.split(",")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                          "load_before": os.getloadavg()}, "commit": commit,
+                              "trials": args.trials, "results": {}}
+    root = tempfile.mkdtemp(prefix="bench-quality-")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    for name in args.datasets.split(","):
+        report["results"][name] = run_dataset(spark, Path(args.data), name, rows, args.trials, root)
+        with open(args.out, "w") as fh:  # after every data set: a long run keeps what it has
+            json.dump(report, fh, indent=2, default=str)
+    print(table(report["results"]))
+
+
+if __name__ == "__main__":
+    main()
