@@ -43,6 +43,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -84,11 +85,13 @@ DATASETS = {
     "yoochoose": Dataset("yoochoose/yoochoose-clicks-100k_train_full.txt", "yoochoose", "sessions"),
 }
 
-# The settings each row tries, the configured default first: the same number for every row.
+# The settings each row tries, the configured default first: the same number for every row. The order
+# after the default is the most promising first (from earlier validation runs only), so that a run with
+# fewer --trials still tries each row's best-known alternative.
 TRIALS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}, {"by": "weight"}, {"window_days": 30}, {"window_days": 7}],
     "itemknn": [{}, {"weighting": "bm25"}, {"neighbours": 50, "shrink": 10.0}, {"neighbours": 300}],
-    "als": [{}, {"rank": 64, "reg_param": 0.01, "alpha": 1.0}, {"rank": 200}, {"alpha": 5.0, "reg_param": 0.1}],
+    "als": [{}, {"rank": 200}, {"rank": 64, "reg_param": 0.01, "alpha": 1.0}, {"alpha": 5.0, "reg_param": 0.1}],
     "ncf": [{}, {"net": {"model": "gmf", "mf_dim": 64}}, {"train": {"lr": 0.003}},
             {"net": {"n_negatives": 8, "dropout": 0.2}}],
     "sasrec-ce": [{}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.002}}, {"net": {"d": 128, "dropout": 0.5}}],
@@ -98,8 +101,8 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
                                                                                  "bpreg": 1.0}}],
     "deepfm": [{}, {"net": {"dim": 32}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
     "implicit-als": [{"factors": 64, "regularization": 1.0, "alpha": 1.0, "bm25": False},
-                     {"factors": 128, "regularization": 1.0, "alpha": 1.0, "bm25": False},
                      {"factors": 32, "regularization": 1.0, "alpha": 1.0, "bm25": True},
+                     {"factors": 128, "regularization": 1.0, "alpha": 1.0, "bm25": False},
                      {"factors": 64, "regularization": 0.05, "alpha": 0.3, "bm25": False}],
     "implicit-itemknn": [{"kind": "cosine", "K": 100}, {"kind": "cosine", "K": 20},
                          {"kind": "bm25", "K": 100}, {"kind": "bm25", "K": 20}],
@@ -154,12 +157,13 @@ def ranking_scores(recs: DataFrame, test: DataFrame, train: DataFrame, n_items: 
 
 # -- one fit of a row ------------------------------------------------------------------------------------
 
-def fit_ours(row: str, setting: dict, config: PipelineConfig, train: DataFrame, workdir: str):
+def fit_ours(row: str, setting: dict, config: PipelineConfig, train: DataFrame, workdir: str,
+             launcher_given: bool = False):
     name = MODEL_OF.get(row, row)
     cls = registry.model_class(name)
     raw = merged(config.model_params.get(name, {}), setting)
     if issubclass_torch(cls):
-        raw = merged(raw, TORCH)
+        raw = merged(raw, {"train": TORCH["train"]}) if launcher_given else merged(raw, TORCH)
     model = cls(cls.params_class.model_validate(raw))
     model.workdir, model.warehouse, model.users_per_block = workdir, config.warehouse, config.recommend.users_per_block
     _, seconds = timed(lambda: model.fit(train))
@@ -248,47 +252,74 @@ def session_row(spark, row: str, setting: dict, config: PipelineConfig, train: D
 
 # -- tuning ----------------------------------------------------------------------------------------------
 
-def tune_and_test(row: str, trials: int, score_on) -> dict:
+def tune_and_test(row: str, trials: int, score_on, out: dict, save) -> None:
     """``score_on(setting, part)`` for each of the row's first ``trials`` settings on validation, then the
-    best (by NDCG@10) once on test."""
-    tried, seen = [], {}
+    best (by NDCG@10) once on test, into ``out[row]``; ``save()`` after every fit. Trials already in
+    ``out[row]`` (a resumed run) are kept, not fitted again."""
+    done = {json.dumps(t["setting"], sort_keys=True): t for t in out.get(row, {}).get("trials", [])}
+    result = out.setdefault(row, {"trials": []})
     for setting in TRIALS[row][:trials]:
         key = json.dumps(setting, sort_keys=True)
-        if key not in seen:  # a row with nothing to tune lists one setting several times: fit it once
-            seen[key] = score_on(setting, "validation")
-        values = seen[key]
-        tried.append({"setting": setting, **values})
-        log.info("%s %s: validation %s", row, setting, {k: round(v, 4) for k, v in values.items()
+        if key not in done:  # a row with nothing to tune lists one setting several times: fit it once
+            done[key] = {"setting": setting, **score_on(setting, "validation")}
+            result["trials"] = list(done.values())
+            save()
+        log.info("%s %s: validation %s", row, setting, {k: round(v, 4) for k, v in done[key].items()
                                                          if isinstance(v, float)})
-    best = max(tried, key=lambda t: t["ndcg@10"])
-    result = score_on(best["setting"], "test")
-    log.info("%s best %s: test %s", row, best["setting"], result)
-    return {"test": result, "best_setting": best["setting"], "trials": tried}
+    best = max(done.values(), key=lambda t: t["ndcg@10"])
+    if result.get("best_setting") != best["setting"] or "test" not in result:
+        result.update(best_setting=best["setting"], test=score_on(best["setting"], "test"))
+        save()
+    log.info("%s best %s: test %s", row, best["setting"], result["test"])
 
 
-def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, root: str) -> dict:
+def rank_check(spark, row: str, setting: dict, config: PipelineConfig, train: DataFrame, test: DataFrame,
+               n_users: int, n_items: int) -> dict:
+    """``row`` with ``setting`` trained on 1 rank (local) and on 2 Horovod ranks, both scored on test: with the
+    global batch and step-counted patience, the two should agree within noise."""
+    out = {}
+    for label, launcher in (("1 rank", {"backend": "local", "num_proc": 1}),
+                            ("2 horovod ranks", {"backend": "horovod", "num_proc": 2})):
+        tuned = merged(setting, launcher)
+        model, seconds = fit_ours(row, tuned, config, train, tempfile.mkdtemp(prefix=f"bq-ranks-{row}-"),
+                                  launcher_given=True)
+        recs = model.recommend(train.select(tb.USER_IDX).distinct(), K, seen=train)
+        out[label] = {**ranking_scores(recs, test, train, n_items), "fit_s": round(seconds, 2), **training_of(model)}
+        log.info("%s on %s: %s", row, label, out[label])
+    return out
+
+
+def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, root: str, out: dict, save,
+                ranks_of: list[str] = (), ranks_setting: dict | None = None) -> None:
+    """Every row of ``rows`` on data set ``name``, into ``out`` (``save()`` after every fit)."""
     config, counts = prepare(spark, data_dir, name, root)
     wh = config.warehouse
     n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
     n_users = tb.read(spark, wh, tb.USER_INDEX).agg(F.max(tb.USER_IDX)).first()[0] + 1
-    out: dict[str, Any] = {"tables": counts, "rows": {}}
+    out["tables"] = counts
+    out.setdefault("rows", {})
     if DATASETS[name].protocol == "sessions":
         train, test = splits.session_periods(tb.read(spark, wh, tb.SESSIONS), config.interactions.test_fraction)
         fit_part, valid = splits.session_periods(train, config.interactions.test_fraction)
         parts = {"validation": (fit_part.persist(), valid.persist()), "test": (train.persist(), test.persist())}
         for row in [r for r in rows if r in SESSION_ROWS]:
-            out["rows"][row] = tune_and_test(row, trials, lambda setting, part, row=row: session_row(
-                spark, row, setting, config, *parts[part], n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")))
-        return out
+            tune_and_test(row, trials, lambda setting, part, row=row: session_row(
+                spark, row, setting, config, *parts[part], n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
+                out["rows"], save)
+        return
     pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
     train = tb.read(spark, wh, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
     test = tb.read(spark, wh, tb.TEST).filter(pick).drop(tb.SPLIT).persist()
     fit_part, valid = (df.persist() for df in splits.leave_last_out(train))
     parts = {"validation": (fit_part, valid), "test": (train, test)}
     for row in [r for r in rows if r in RANKING_ROWS]:
-        out["rows"][row] = tune_and_test(row, trials, lambda setting, part, row=row: ranking_row(
-            spark, row, setting, config, *parts[part], n_users, n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")))
-    return out
+        tune_and_test(row, trials, lambda setting, part, row=row: ranking_row(
+            spark, row, setting, config, *parts[part], n_users, n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
+            out["rows"], save)
+    for row in ranks_of:
+        setting = out["rows"][row]["best_setting"] if row in out["rows"] else (ranks_setting or TRIALS[row][0])
+        out.setdefault("ranks", {})[row] = rank_check(spark, row, setting, config, train, test, n_users, n_items)
+        save()
 
 
 def table(results: dict) -> str:
@@ -296,11 +327,18 @@ def table(results: dict) -> str:
              f"{'fit s':>8} {'steps':>6}  best setting"]
     for data, result in results.items():
         for row, r in result["rows"].items():
+            if "test" not in r:  # interrupted before its test fit
+                continue
             t = r["test"]
             cov = t.get("coverage@10")
             lines.append(f"{data:10} {row:17} {t['hr@10']:7.4f} {t['ndcg@10']:8.4f} {t['recall@20']:9.4f} "
                          f"{'' if cov is None else f'{cov:7.3f}':>7} {t['fit_s']:8.1f} "
                          f"{t.get('steps_to_best') or '':>6}  {json.dumps(r['best_setting'])}")
+        for row, by_ranks in result.get("ranks", {}).items():
+            for label, t in by_ranks.items():
+                lines.append(f"{data:10} {row + ', ' + label:17} {t['hr@10']:7.4f} {t['ndcg@10']:8.4f} "
+                             f"{t['recall@20']:9.4f} {t['coverage@10']:7.3f} {t['fit_s']:8.1f} "
+                             f"{t.get('steps_to_best') or '':>6}")
     return "\n".join(lines)
 
 
@@ -312,6 +350,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows to run (default: all)")
     parser.add_argument("--trials", type=int, default=4, help="settings tried per row, the same for every row")
     parser.add_argument("--out", default=".bench/quality.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the trials already in --out (same --trials) and fit only the missing ones")
+    parser.add_argument("--ranks", default="", help="rows also trained on 1 and on 2 Horovod ranks (best setting)")
+    parser.add_argument("--ranks-setting", type=json.loads, default=None,
+                        help="with --ranks for a row not tuned in this run: its setting (JSON; default: its first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("py4j", "recsys_spark"):
@@ -321,15 +364,28 @@ def main(argv: list[str] | None = None) -> None:
     spark = get_spark("bench-quality")
     rows = args.models.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "load_before": os.getloadavg()}, "commit": commit,
-                              "trials": args.trials, "results": {}}
+    report: dict[str, Any] = {"trials": args.trials, "results": {}, "runs": []}
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as fh:
+            report = json.load(fh)
+        if report["trials"] != args.trials:
+            raise SystemExit(f"--resume: {args.out} was run with --trials {report['trials']}, not {args.trials}")
+    # Every invocation that wrote to this file, with its machine and load (a resumed file has several).
+    report["runs"].append({"commit": commit, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv or
+                           sys.argv[1:], "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                        "load_before": os.getloadavg()}})
     root = tempfile.mkdtemp(prefix="bench-quality-")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    for name in args.datasets.split(","):
-        report["results"][name] = run_dataset(spark, Path(args.data), name, rows, args.trials, root)
-        with open(args.out, "w") as fh:  # after every data set: a long run keeps what it has
+
+    def save() -> None:  # after every fit: a long run keeps what it has, and --resume goes on from there
+        with open(args.out + ".tmp", "w") as fh:
             json.dump(report, fh, indent=2, default=str)
+        os.replace(args.out + ".tmp", args.out)
+
+    ranks = [r for r in args.ranks.split(",") if r]
+    for name in args.datasets.split(","):
+        run_dataset(spark, Path(args.data), name, rows, args.trials, root,
+                    report["results"].setdefault(name, {}), save, ranks, args.ranks_setting)
     print(table(report["results"]))
 
 

@@ -120,7 +120,7 @@ def _loss_key(history: list[dict[str, Any]]) -> str | None:
 
 
 def _validation_key(history: list[dict[str, Any]]) -> str | None:
-    keys = [k for k in history[0] if "@" in k]
+    keys = list(dict.fromkeys(k for row in history for k in row if "@" in k))  # not every epoch validates
     preferred = [k for k in keys if k.startswith("ndcg@")]
     return (preferred or keys or [None])[0]
 
@@ -145,7 +145,8 @@ def _plot_training(data: ReportData, colors: dict[str, str]) -> bytes | None:
         val = _validation_key(history)
         if val:
             twin = ax.twinx()
-            twin.plot(epochs, [row.get(val) for row in history], color="#555555", linestyle="--",
+            validated = [(e, row[val]) for e, row in zip(epochs, history, strict=True) if val in row]
+            twin.plot([e for e, _ in validated], [v for _, v in validated], color="#555555", linestyle="--",
                       linewidth=1.2, marker=".", label=f"validation {val}")
             twin.set_ylabel(f"validation {val}", fontsize=9, color="#555555")
             twin.tick_params(labelsize=9, colors="#555555")
