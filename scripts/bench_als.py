@@ -20,11 +20,10 @@ fit with MLlib's default 10 blocks against our ``defaultParallelism`` blocks. BL
 Spark task (OPENBLAS_NUM_THREADS=1, set below before numpy loads; implicit asks for it too), and
 implicit with one thread per core (``--threads``).
 
-``--grid`` tunes our defaults on MovieLens 100K instead of benchmarking: fits on train minus each
-user's last train item, NDCG@10 on that item (validation only; the test items are never looked at),
-stage by stage; the tried settings go to the JSON.
+The quality columns are a sanity check of this split only; tuning and the project's quality figures
+come from ``scripts/bench_quality.py``.
 
-Usage: ``python scripts/bench_als.py [--out .bench/als.json] [--grid] [--data ../shared/data]``
+Usage: ``python scripts/bench_als.py [--out .bench/als.json] [--data ../shared/data]``
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from pyspark.sql import functions as F  # noqa: E402
 
 from recsys_spark import tables as tb  # noqa: E402
 from recsys_spark.config import PipelineConfig, load_config, model_config  # noqa: E402
-from recsys_spark.data.splits import LEAVE_LAST_OUT, leave_last_out  # noqa: E402
+from recsys_spark.data.splits import LEAVE_LAST_OUT  # noqa: E402
 from recsys_spark.evaluate.ranking import evaluate  # noqa: E402
 from recsys_spark.models.als import ALSParams, ALSRecommender  # noqa: E402
 from recsys_spark.models.popularity import PopularityRecommender  # noqa: E402
@@ -162,31 +161,6 @@ def block_effect(data: dict, params: ALSParams, spark: SparkSession) -> dict:
             "blocks_mllib_default": MLLIB_DEFAULT_BLOCKS, "fit_s_mllib_default": mllib_s}
 
 
-def grid(data: dict, base: ALSParams) -> list[dict]:
-    """Stage-wise search on a validation split carved out of train (never the test items): alpha x
-    reg_param at rank 64 and 15 iterations, then rank, then iterations, each stage from the best so far."""
-    fit_part, valid = (df.persist() for df in leave_last_out(data["train"]))
-    users = fit_part.select(tb.USER_IDX).distinct()
-    tried: list[dict] = []
-
-    def score(params: ALSParams) -> float:
-        model = ALSRecommender(params).fit(fit_part)
-        ndcg = scores(model.recommend(users, 20, seen=fit_part), valid, fit_part, data["n_items"])["ndcg@10"]
-        tried.append({**params.model_dump(), "valid_ndcg@10": ndcg})
-        log.info("grid %s -> valid NDCG@10 %.4f", params.model_dump(exclude={"seed", "checkpoint_interval"}), ndcg)
-        return ndcg
-
-    def best_of(candidates: list[ALSParams]) -> ALSParams:
-        return max(candidates, key=score)
-
-    best = best_of([base.model_copy(update={"alpha": a, "reg_param": r})
-                    for a in (0.3, 1.0, 5.0, 20.0, 40.0) for r in (0.003, 0.01, 0.05, 0.1, 0.3)])
-    best = best_of([best.model_copy(update={"rank": r}) for r in (16, 32, 64, 128, 200)])
-    best = best_of([best.model_copy(update={"max_iter": n}) for n in (5, 10, 15, 25)])
-    log.info("grid best: %s", best.model_dump())
-    return tried
-
-
 def table(results: dict) -> str:
     lines = [f"{'data':8} {'model':16} {'NDCG@10':>8} {'Recall@20':>9} {'fit s':>7} {'top-N s':>8}"]
     for name, runs in results.items():
@@ -228,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="pipeline YAML (default: conf/pipeline.yaml if present)")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--grid", action="store_true", help="tune on a MovieLens 100K validation split instead")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="implicit's threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -237,14 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     spark = get_spark("bench-als")
     params = model_config(config, "als", ALSParams)
     k = max(KS)
-    if args.grid:
-        params = params.model_copy(update={"rank": 64, "max_iter": 15})
     report: dict = {"provenance": provenance(spark, args.threads), "params": params.model_dump(), "k": k,
                     "interactions": config.interactions.model_dump(), "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="bench-als-") as root:
-        if args.grid:
-            report["grid"] = grid(split(spark, config, Path(args.data), "ml-100k", root), params)
-        for name in [] if args.grid else args.datasets:
+        for name in args.datasets:
             data = split(spark, config, Path(args.data), name, root)
             log.info("%s: %d users, %d items, %d train / %d test rows", name, data["n_users"], data["n_items"],
                      data["train_rows"], data["test_rows"])
@@ -265,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             data["train"].unpersist()
             data["test"].unpersist()
-    if report["datasets"]:
-        print(table(report["datasets"]))
+    print(table(report["datasets"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
