@@ -26,7 +26,12 @@ Protocol (``--help`` for the options; the JSON keeps every trial):
 Usage::
 
     .venv/bin/python scripts/bench_quality.py [--data ../shared/data] [--datasets ml-100k,taobao,yoochoose]
-        [--models als,sasrec-ce,...] [--trials 4] [--out .bench/quality.json]
+        [--models als,sasrec-ce,...] [--trials 4] [--out .bench/quality.json] [--resume] [--ranks sasrec-ce]
+    .venv/bin/python scripts/bench_quality.py --show --out .bench/quality.json   # its tables, as Markdown
+
+The JSON is rewritten after every fit; ``--resume`` keeps its trials and fits only the missing ones (a
+killed run loses one fit, and a budget can be spent in several sittings: every sitting's commit, machine
+and load are kept under ``runs``).
 
 Torch models train with the ``local`` launcher (one process): the quality does not depend on the
 launcher (``tests/test_distributed.py``), and two ranks on two shared cores only add overhead.
@@ -323,23 +328,27 @@ def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, 
 
 
 def table(results: dict) -> str:
-    lines = [f"{'data':10} {'model':17} {'HR@10':>7} {'NDCG@10':>8} {'Recall@20':>9} {'cov@10':>7} "
-             f"{'fit s':>8} {'steps':>6}  best setting"]
+    """The test figures of every row (and the rank check), one Markdown table per data set."""
+    lines = []
     for data, result in results.items():
-        for row, r in result["rows"].items():
+        lines += [f"\n{data}\n", "| model | HR@10 | NDCG@10 | Recall@20 | coverage@10 | fit s | steps to best "
+                  "| validation NDCG@10 | best setting |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for row, r in result.get("rows", {}).items():
             if "test" not in r:  # interrupted before its test fit
                 continue
-            t = r["test"]
-            cov = t.get("coverage@10")
-            lines.append(f"{data:10} {row:17} {t['hr@10']:7.4f} {t['ndcg@10']:8.4f} {t['recall@20']:9.4f} "
-                         f"{'' if cov is None else f'{cov:7.3f}':>7} {t['fit_s']:8.1f} "
-                         f"{t.get('steps_to_best') or '':>6}  {json.dumps(r['best_setting'])}")
+            t, best = r["test"], max(r["trials"], key=lambda trial: trial["ndcg@10"])
+            lines.append(f"| {row} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['recall@20']:.4f} | "
+                         f"{_cell(t.get('coverage@10'), '.3f')} | {t['fit_s']:.0f} | {_cell(t.get('steps_to_best'))} | "
+                         f"{best['ndcg@10']:.4f} | `{json.dumps(r['best_setting'])}` |")
         for row, by_ranks in result.get("ranks", {}).items():
             for label, t in by_ranks.items():
-                lines.append(f"{data:10} {row + ', ' + label:17} {t['hr@10']:7.4f} {t['ndcg@10']:8.4f} "
-                             f"{t['recall@20']:9.4f} {t['coverage@10']:7.3f} {t['fit_s']:8.1f} "
-                             f"{t.get('steps_to_best') or '':>6}")
+                lines.append(f"| {row}, {label} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['recall@20']:.4f} | "
+                             f"{t['coverage@10']:.3f} | {t['fit_s']:.0f} | {_cell(t.get('steps_to_best'))} | | |")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str = "") -> str:
+    return "" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,12 +359,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows to run (default: all)")
     parser.add_argument("--trials", type=int, default=4, help="settings tried per row, the same for every row")
     parser.add_argument("--out", default=".bench/quality.json")
+    parser.add_argument("--show", action="store_true", help="print the tables of --out and stop (no fitting)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in --out (same --trials) and fit only the missing ones")
     parser.add_argument("--ranks", default="", help="rows also trained on 1 and on 2 Horovod ranks (best setting)")
     parser.add_argument("--ranks-setting", type=json.loads, default=None,
                         help="with --ranks for a row not tuned in this run: its setting (JSON; default: its first)")
     args = parser.parse_args(argv)
+    if args.show:
+        with open(args.out) as fh:
+            print(table(json.load(fh)["results"]))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("py4j", "recsys_spark"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
