@@ -322,7 +322,8 @@ def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, 
             spark, row, setting, config, *parts[part], n_users, n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
             out["rows"], save)
     for row in ranks_of:
-        setting = out["rows"][row]["best_setting"] if row in out["rows"] else (ranks_setting or TRIALS[row][0])
+        tuned = out["rows"].get(row, {}).get("best_setting")
+        setting = ranks_setting or (TRIALS[row][0] if tuned is None else tuned)
         out.setdefault("ranks", {})[row] = rank_check(spark, row, setting, config, train, test, n_users, n_items)
         save()
 
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep the trials already in --out (same --trials) and fit only the missing ones")
     parser.add_argument("--ranks", default="", help="rows also trained on 1 and on 2 Horovod ranks (best setting)")
     parser.add_argument("--ranks-setting", type=json.loads, default=None,
-                        help="with --ranks for a row not tuned in this run: its setting (JSON; default: its first)")
+                        help="with --ranks: the setting (JSON; default: the row's tuned best, else its first)")
     args = parser.parse_args(argv)
     if args.show:
         with open(args.out) as fh:
