@@ -67,6 +67,7 @@ from recsys_spark.data.sequences import session_item_arrays  # noqa: E402
 from recsys_spark.evaluate.ranking import evaluate  # noqa: E402
 from recsys_spark.evaluate.sessions import ItemKNNScorer, PopularityScorer, evaluate_sessions  # noqa: E402
 from recsys_spark.models import registry  # noqa: E402
+from recsys_spark.models.torch_base import TorchRecommender  # noqa: E402
 from recsys_spark.pipeline import run_features, run_ingest, run_interactions  # noqa: E402
 from recsys_spark.session import get_spark  # noqa: E402
 
@@ -162,23 +163,24 @@ def ranking_scores(recs: DataFrame, test: DataFrame, train: DataFrame, n_items: 
 
 # -- one fit of a row ------------------------------------------------------------------------------------
 
-def fit_ours(row: str, setting: dict, config: PipelineConfig, train: DataFrame, workdir: str,
-             launcher_given: bool = False):
+def build_ours(row: str, setting: dict, config: PipelineConfig, workdir: str, launcher_given: bool = False):
+    """The registry model behind ``row``: its configured parameters with ``setting`` on top; a torch model
+    trains on the one-process launcher unless ``setting`` names its own (``launcher_given``)."""
     name = MODEL_OF.get(row, row)
     cls = registry.model_class(name)
     raw = merged(config.model_params.get(name, {}), setting)
-    if issubclass_torch(cls):
+    if issubclass(cls, TorchRecommender):
         raw = merged(raw, {"train": TORCH["train"]}) if launcher_given else merged(raw, TORCH)
     model = cls(cls.params_class.model_validate(raw))
     model.workdir, model.warehouse, model.users_per_block = workdir, config.warehouse, config.recommend.users_per_block
+    return model
+
+
+def fit_ours(row: str, setting: dict, config: PipelineConfig, train: DataFrame, workdir: str,
+             launcher_given: bool = False):
+    model = build_ours(row, setting, config, workdir, launcher_given)
     _, seconds = timed(lambda: model.fit(train))
     return model, seconds
-
-
-def issubclass_torch(cls) -> bool:
-    from recsys_spark.models.torch_base import TorchRecommender
-
-    return issubclass(cls, TorchRecommender)
 
 
 def training_of(model) -> dict:
@@ -243,11 +245,7 @@ def session_row(spark, row: str, setting: dict, config: PipelineConfig, train: D
         scorer, seconds = timed(fit)
         extra = {}
     else:
-        name = MODEL_OF.get(row, row)
-        cls = registry.model_class(name)
-        model = cls(cls.params_class.model_validate(merged(merged(config.model_params.get(name, {}), setting),
-                                                           TORCH)))
-        model.workdir = workdir
+        model = build_ours(row, setting, config, workdir)
         scorer, seconds = timed(lambda: model.fit_session_scorer(train, n_items))
         extra = training_of(model)
     values = evaluate_sessions(spark, test, scorer, ks=[10, 20])
