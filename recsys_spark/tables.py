@@ -10,7 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import random
+import time
+import uuid
 
+from delta import exceptions as dx
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -181,21 +185,60 @@ def overwrite(df: DataFrame, warehouse: str, name: str, partition_by: list[str] 
     writer.save(table_path(warehouse, name))
 
 
+# Delta's commit conflicts: another writer committed first. Retried (the write is re-planned against the
+# new snapshot), so parallel jobs into one table all land; see ``_retrying``.
+COMMIT_CONFLICTS = (dx.DeltaConcurrentModificationException, dx.ConcurrentWriteException,
+                    dx.MetadataChangedException, dx.ProtocolChangedException, dx.ConcurrentAppendException,
+                    dx.ConcurrentDeleteReadException, dx.ConcurrentDeleteDeleteException,
+                    dx.ConcurrentTransactionException)
+CONFLICT_RETRIES = 8
+
+
+def _retrying(write, what: str):
+    """``write()``, again after a short random pause each time Delta reports a commit conflict.
+
+    Why: jobs of one run date write to the same tables in parallel (the DAG's model tasks, two ingests of
+    overlapping files). Each write below is idempotent (a ``replaceWhere`` of its own rows, a merge that
+    inserts only missing keys), so doing it again against the winner's snapshot is exactly right."""
+    for attempt in range(1, CONFLICT_RETRIES + 1):
+        try:
+            return write()
+        except COMMIT_CONFLICTS as exc:
+            if attempt == CONFLICT_RETRIES:
+                raise RecsysError(f"{what}: still conflicting with other writers after {attempt} tries: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+            pause = random.uniform(0.2, 1.0) * attempt
+            log.info("%s: another writer committed first (%s); retrying in %.1f s", what, type(exc).__name__,
+                     pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _create_if_missing(df: DataFrame, path: str, partition_by: list[str] | None) -> None:
+    """An empty table with ``df``'s schema at ``path`` unless one is there: one commit, so writers racing
+    to create it end with one table (the losers' conflict is retried and finds it), and the rows always
+    go in by the keyed writes below, never by a blind overwrite of a table someone just created."""
+    spark = df.sparkSession
+    if DeltaTable.isDeltaTable(spark, path):
+        return
+    nullable = T.StructType([T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema])
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(nullable)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    _retrying(builder.execute, f"creating {path}")
+
+
 def replace_where(df: DataFrame, warehouse: str, name: str, condition: str,
                   partition_by: list[str] | None = None) -> None:
     """Atomically replace the rows matching ``condition`` and touch nothing else.
 
-    This is how a re-run of a model for the same run date replaces only its own rows.
+    This is how a re-run of a model for the same run date replaces only its own rows, and how two models'
+    jobs write the same table at once (each its own partition; a conflict is retried).
     """
     path = table_path(warehouse, name)
-    spark = df.sparkSession
-    if not DeltaTable.isDeltaTable(spark, path):
-        writer = df.write.format("delta").mode("overwrite")
-        if partition_by:
-            writer = writer.partitionBy(*partition_by)
-        writer.save(path)
-        return
-    df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path)
+    _create_if_missing(df, path, partition_by)
+    _retrying(lambda: df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(path),
+              f"writing {name}")
 
 
 def insert_new(df: DataFrame, warehouse: str, name: str, key: str,
@@ -203,32 +246,24 @@ def insert_new(df: DataFrame, warehouse: str, name: str, key: str,
     """Insert the rows whose ``key`` is not in the table yet; return how many were inserted.
 
     ``df`` must already be unique on ``key``. With a partition column, the merge condition names it
-    too, so Delta only scans the partitions the new rows fall in.
+    too, so Delta only scans the partitions the new rows fall in. Two writers of overlapping rows: the
+    second merge conflicts, is retried against the first one's rows and inserts only what is still missing.
+    The count comes from the merge's own result, not the table history (another writer may have
+    committed since).
     """
     spark = df.sparkSession
     path = table_path(warehouse, name)
-    if not DeltaTable.isDeltaTable(spark, path):
-        writer = df.write.format("delta").mode("overwrite")
-        if partition_by:
-            writer = writer.partitionBy(*partition_by)
-        writer.save(path)
-        return _last_commit_metric(spark, path, "numOutputRows")
+    _create_if_missing(df, path, partition_by)
     on = " AND ".join(f"t.`{c}` = s.`{c}`" for c in [*(partition_by or []), key])
-    table = DeltaTable.forPath(spark, path)
-    before = _last_commit(table)["version"]
-    table.alias("t").merge(df.alias("s"), on).whenNotMatchedInsertAll().execute()
-    commit = _last_commit(table)
-    # A merge that inserts nothing may not commit at all: then nothing was inserted.
-    return int(commit["operationMetrics"].get("numTargetRowsInserted", 0)) if commit["version"] != before else 0
-
-
-def _last_commit(table: DeltaTable) -> dict:
-    row = table.history(1).select("version", "operationMetrics").first()
-    return {"version": row["version"], "operationMetrics": row["operationMetrics"] or {}}
-
-
-def _last_commit_metric(spark: SparkSession, path: str, metric: str) -> int:
-    return int(_last_commit(DeltaTable.forPath(spark, path))["operationMetrics"].get(metric, 0))
+    view = f"_insert_new_{uuid.uuid4().hex}"
+    df.createOrReplaceTempView(view)
+    try:
+        result = _retrying(lambda: spark.sql(
+            f"MERGE INTO delta.`{path}` AS t USING {view} AS s ON {on} WHEN NOT MATCHED THEN INSERT *").first(),
+            f"inserting into {name}")
+    finally:
+        spark.catalog.dropTempView(view)
+    return int(result["num_inserted_rows"])
 
 
 def last_commit_time(spark: SparkSession, warehouse: str, name: str):
