@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -86,3 +87,37 @@ def test_two_ingests_of_overlapping_rows_lose_nothing_and_duplicate_nothing(spar
     table = spark.read.format("delta").load(os.path.join(warehouse, "bronze", "events")).toPandas()
     assert sorted(table.key) == sorted(f"e-{u}" for u in range(100))
     assert sum(inserted.values()) == 100
+
+
+def test_two_recommend_jobs_started_together_on_the_first_day_both_land(spark, world, tmp_path):
+    """What the daily DAG does on its first day, through the CLI: ``recommend`` for popularity and for ALS
+    started at the same moment into a warehouse without ``gold/recommendations``; both exit 0 and the
+    table holds each model's full top-k for every user."""
+    from conftest import WORLD_SETTINGS
+    from pyspark.sql import functions as F
+
+    from recsys_spark import pipeline
+    from recsys_spark import tables as tb
+    from recsys_spark.config import load_config
+
+    warehouse = str(tmp_path / "warehouse")
+    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+    config = load_config(overrides=[f"warehouse={warehouse}", *WORLD_SETTINGS])
+    pipeline.run_train(spark, config, "als", world.run)
+    assert not tb.exists(spark, warehouse, tb.RECOMMENDATIONS)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
+    sets = [arg for setting in WORLD_SETTINGS for arg in ("--set", setting)]
+    jobs = {model: subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "recommend.py"), "--model", model, "--warehouse", warehouse,
+         "--run-date", world.run.run_date.isoformat(), *sets],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for model in ("popularity", "als")}
+    for model, job in jobs.items():
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, f"recommend --model {model} failed:\n{err[-3000:]}"
+
+    # popularity's rows as the clean run that built the world wrote them; ALS: k for every train user
+    clean = tb.read(spark, world.warehouse, tb.RECOMMENDATIONS).filter(F.col(tb.MODEL) == "popularity").count()
+    users = world.train.select(tb.USER_IDX).distinct().count()
+    recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).groupBy(tb.MODEL).count().toPandas()
+    assert dict(zip(recs[tb.MODEL], recs["count"], strict=True)) == {"popularity": clean, "als": 10 * users}
