@@ -121,3 +121,54 @@ def test_two_recommend_jobs_started_together_on_the_first_day_both_land(spark, w
     users = world.train.select(tb.USER_IDX).distinct().count()
     recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).groupBy(tb.MODEL).count().toPandas()
     assert dict(zip(recs[tb.MODEL], recs["count"], strict=True)) == {"popularity": clean, "als": 10 * users}
+
+
+def test_a_train_job_killed_at_any_moment_never_leaves_a_model_that_loads_half_saved(spark, world, tmp_path):
+    """``train`` SIGKILLed (its whole process group: Python and JVM) at several moments, each over the
+    model of the run before: the model directory either loads whole (the old model or the new one, with
+    recommendations equal to a clean one's) or stops with one line saying the save did not finish; a
+    rerun then trains a model that loads."""
+    import signal
+    import time
+
+    from recsys_spark import tables as tb
+    from recsys_spark.errors import RecsysError
+    from recsys_spark.models import registry
+
+    warehouse = str(tmp_path / "warehouse")
+    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+    path = tb.model_dir(warehouse, "itemknn", world.run.run_date)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
+    sets = [arg for setting in ("generate.events=2500", "recommend.k=10") for arg in ("--set", setting)]
+    argv = [sys.executable, str(REPO / "jobs" / "train.py"), "--model", "itemknn", "--warehouse", warehouse,
+            "--run-date", world.run.run_date.isoformat(), *sets]
+
+    def train(kill_after: float | None = None) -> float:
+        started = time.perf_counter()
+        job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+        if kill_after is not None:
+            try:
+                job.wait(timeout=kill_after)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+        _, err = job.communicate(timeout=300)
+        assert kill_after is not None or job.returncode == 0, err[-3000:]
+        return time.perf_counter() - started
+
+    users = world.train.select(tb.USER_IDX).distinct()
+
+    def recommendations():
+        return sorted(registry.load("itemknn", spark, path).recommend(users, 10, seen=world.train).select(
+            tb.USER_IDX, tb.ITEM_IDX).collect())
+
+    clean_seconds = train()
+    clean = recommendations()
+    for fraction in (0.6, 0.85, 0.95):
+        train(kill_after=fraction * clean_seconds)
+        try:
+            assert recommendations() == clean  # the old model, or the new one saved whole
+        except RecsysError as exc:
+            assert str(exc).startswith(f"{path} holds no complete model")
+    train()
+    assert recommendations() == clean

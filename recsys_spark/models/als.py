@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.scoring import top_k_from_factors
 from recsys_spark.tables import EMBEDDING
 
@@ -130,9 +130,9 @@ class ALSRecommender(Recommender):
         wanted = self.user_factors().join(users, tb.USER_IDX, "left_semi")
         return top_k_from_factors(wanted, self.item_factors(), k, seen, exclude_items, self.users_per_block)
 
-    def save(self, path: str) -> None:
-        write_json(path, {"model": self.name, "params": self.params.model_dump()})
+    def _save_state(self, path: str) -> dict:
         self.model.write().overwrite().save(os.path.join(path, SPARK_MODEL_DIR))
+        return {"params": self.params.model_dump()}
 
     @classmethod
     def load(cls, spark, path: str) -> ALSRecommender:

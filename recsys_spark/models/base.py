@@ -108,9 +108,23 @@ class Recommender(ABC):
             raise RecsysError(f"model {self.name} does not provide similar items")
         return similar_from_factors(factors, k, self.users_per_block)
 
-    @abstractmethod
     def save(self, path: str) -> None:
-        """Write the fitted model under ``path`` (no pickles: Spark formats, Parquet, JSON)."""
+        """Write the fitted model under ``path`` (no pickles: Spark formats, Parquet, JSON).
+
+        The state goes first and ``model.json`` last, by an atomic rename, and a save over an older model
+        removes the old ``model.json`` before anything else: a directory is a model exactly when its
+        ``model.json`` is there, so a save killed half-way is never loaded, alone or mixed with the files
+        of the model it was replacing (``read_json`` says so and names the path)."""
+        meta = os.path.join(path, META_FILE)
+        if os.path.exists(meta):
+            os.remove(meta)
+        os.makedirs(path, exist_ok=True)
+        write_json(path, {"model": self.name, **self._save_state(path)})
+
+    @abstractmethod
+    def _save_state(self, path: str) -> dict[str, Any]:
+        """Write what the model needs to be loaded under ``path``; return what ``model.json`` keeps (the
+        parameters at least, plain JSON)."""
 
     @classmethod
     @abstractmethod
@@ -124,12 +138,19 @@ def write_json(path: str, payload: dict) -> None:
     """The model's metadata file (``model.json``) beside its state (local paths; a cluster run writes
     models to a shared file system)."""
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, META_FILE), "w") as fh:
+    target = os.path.join(path, META_FILE)
+    with open(target + ".tmp", "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
+    os.replace(target + ".tmp", target)
 
 
 def read_json(path: str) -> dict:
-    with open(os.path.join(path, META_FILE)) as fh:
+    """The model's ``model.json``; a clear error when the directory holds no complete model."""
+    target = os.path.join(path, META_FILE)
+    if not os.path.exists(target):
+        raise RecsysError(f"{path} holds no complete model (no {META_FILE}: its save did not finish); "
+                          "train the model again")
+    with open(target) as fh:
         return json.load(fh)
 
 
@@ -140,10 +161,10 @@ def training_record(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     location = path.removeprefix("file://")
     if "://" in location:
         return [], {}  # models are saved with plain file IO; nothing to read on object storage
+    if not os.path.exists(os.path.join(location, META_FILE)):
+        return [], {}
     try:
         meta = read_json(location)
-    except FileNotFoundError:
-        return [], {}
     except (OSError, ValueError) as exc:
         log.warning("cannot read the training record in %s: %s", location, exc)
         return [], {}

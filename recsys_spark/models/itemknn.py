@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.tables import SIMILAR_ITEM_IDX
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,10 @@ class ItemKNNRecommender(Recommender):
             log.warning("similar_items(k=%d) but only %d neighbours per item are kept", k, self.params.neighbours)
         return self.neighbours.filter(F.col(tb.RANK) <= k)
 
-    def save(self, path: str) -> None:
-        write_json(path, {"model": self.name, "params": self.params.model_dump()})
+    def _save_state(self, path: str) -> dict:
         self.neighbours.write.mode("overwrite").parquet(os.path.join(path, NEIGHBOURS_DIR))
         self.history.write.mode("overwrite").parquet(os.path.join(path, HISTORY_DIR))
+        return {"params": self.params.model_dump()}
 
     @classmethod
     def load(cls, spark, path: str) -> ItemKNNRecommender:

@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ class PopularityRecommender(Recommender):
         by_user = Window.partitionBy(tb.USER_IDX).orderBy(_POP_RANK)
         return pairs.withColumn(tb.RANK, F.row_number().over(by_user)).filter(F.col(tb.RANK) <= k)
 
-    def save(self, path: str) -> None:
-        write_json(path, {"model": self.name, "params": self.params.model_dump()})
+    def _save_state(self, path: str) -> dict:
         self.ranking.write.mode("overwrite").parquet(os.path.join(path, RANKING_DIR))
+        return {"params": self.params.model_dump()}
 
     @classmethod
     def load(cls, spark, path: str) -> PopularityRecommender:

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.base import Recommender, read_json, write_json
+from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.scoring import ModuleSnapshot, build_module
 from recsys_spark.tables import require_columns
 from recsys_spark.train import distributed, loaders
@@ -212,18 +212,16 @@ class TorchRecommender(Recommender):
         return spark.sparkContext.broadcast(self.snapshot())
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
+    def _save_state(self, path: str) -> dict:
         import torch
 
         snapshot = self.snapshot()
-        os.makedirs(path, exist_ok=True)
         torch.save({k: torch.from_numpy(v) for k, v in snapshot.weights.items()}, os.path.join(path, WEIGHTS_FILE))
-        write_json(path, {"model": self.name, "init_kwargs": snapshot.init_kwargs, "n_users": self.n_users,
-                          "n_items": self.n_items, "params": self.params.model_dump(mode="json"),
-                          "history": self.history, "training": self.training, "ranks": self.ranks,
-                          **self._extra_meta()})
         self._users.write.mode("overwrite").parquet(os.path.join(path, USERS_DIR))
         self._save_extra(path)
+        return {"init_kwargs": snapshot.init_kwargs, "n_users": self.n_users, "n_items": self.n_items,
+                "params": self.params.model_dump(mode="json"), "history": self.history, "training": self.training,
+                "ranks": self.ranks, **self._extra_meta()}
 
     def _extra_meta(self) -> dict[str, Any]:
         """What a subclass adds to model.json (plain JSON)."""
