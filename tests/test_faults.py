@@ -19,6 +19,8 @@ import pytest
 pytestmark = [pytest.mark.faults, pytest.mark.spark]
 
 REPO = Path(__file__).resolve().parents[1]
+# Children import this checkout's code, with a small driver (three JVMs may share the two cores).
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
 
 # One writer: builds its rows, says it is ready, waits for the others, then writes with the project's
 # own table functions (what the jobs call) and prints what the write reported.
@@ -48,16 +50,31 @@ def _run_at_once(tmp_path: Path, kind: str, writers: dict[str, list[dict]], ware
     """Start one process per writer, let them write at the same moment, return what each inserted."""
     barrier = tmp_path / f"barrier-{kind}-{len(os.listdir(tmp_path))}"
     barrier.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
     procs = {name: subprocess.Popen(
         [sys.executable, "-c", WRITER, kind, warehouse, name, str(barrier), str(len(writers)), json.dumps(rows)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for name, rows in writers.items()}
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV) for name, rows in writers.items()}
     inserted = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"writer {name} failed:\n{err[-3000:]}"
         inserted[name] = int(out.split("inserted")[-1])
     return inserted
+
+
+def _world_copy(world, tmp_path: Path) -> str:
+    """A private copy of the session's world warehouse without its gold tables."""
+    warehouse = str(tmp_path / "warehouse")
+    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+    return warehouse
+
+
+def _job(command: str, model: str, warehouse: str, run_date) -> list[str]:
+    """The argv of ``jobs/<command>.py`` for ``model`` on the world's settings."""
+    from conftest import WORLD_SETTINGS
+
+    sets = [arg for setting in WORLD_SETTINGS for arg in ("--set", setting)]
+    return [sys.executable, str(REPO / "jobs" / f"{command}.py"), "--model", model, "--warehouse", warehouse,
+            "--run-date", run_date.isoformat(), *sets]
 
 
 def _rows(model: str, users: range) -> list[dict]:
@@ -100,18 +117,14 @@ def test_two_recommend_jobs_started_together_on_the_first_day_both_land(spark, w
     from recsys_spark import tables as tb
     from recsys_spark.config import load_config
 
-    warehouse = str(tmp_path / "warehouse")
-    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+    warehouse = _world_copy(world, tmp_path)
     config = load_config(overrides=[f"warehouse={warehouse}", *WORLD_SETTINGS])
     pipeline.run_train(spark, config, "als", world.run)
     assert not tb.exists(spark, warehouse, tb.RECOMMENDATIONS)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
-    sets = [arg for setting in WORLD_SETTINGS for arg in ("--set", setting)]
-    jobs = {model: subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "recommend.py"), "--model", model, "--warehouse", warehouse,
-         "--run-date", world.run.run_date.isoformat(), *sets],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for model in ("popularity", "als")}
+    jobs = {model: subprocess.Popen(_job("recommend", model, warehouse, world.run.run_date), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+            for model in ("popularity", "als")}
     for model, job in jobs.items():
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, f"recommend --model {model} failed:\n{err[-3000:]}"
@@ -135,17 +148,13 @@ def test_a_train_job_killed_at_any_moment_never_leaves_a_model_that_loads_half_s
     from recsys_spark.errors import RecsysError
     from recsys_spark.models import registry
 
-    warehouse = str(tmp_path / "warehouse")
-    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+    warehouse = _world_copy(world, tmp_path)
     path = tb.model_dir(warehouse, "itemknn", world.run.run_date)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
-    sets = [arg for setting in ("generate.events=2500", "recommend.k=10") for arg in ("--set", setting)]
-    argv = [sys.executable, str(REPO / "jobs" / "train.py"), "--model", "itemknn", "--warehouse", warehouse,
-            "--run-date", world.run.run_date.isoformat(), *sets]
+    argv = _job("train", "itemknn", warehouse, world.run.run_date)
 
     def train(kill_after: float | None = None) -> float:
         started = time.perf_counter()
-        job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CHILD_ENV,
                                start_new_session=True)
         if kill_after is not None:
             try:

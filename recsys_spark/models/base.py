@@ -136,8 +136,7 @@ META_FILE = "model.json"
 
 def write_json(path: str, payload: dict) -> None:
     """The model's metadata file (``model.json``) beside its state (local paths; a cluster run writes
-    models to a shared file system)."""
-    os.makedirs(path, exist_ok=True)
+    models to a shared file system); written to a temporary name and renamed, so it is whole or absent."""
     target = os.path.join(path, META_FILE)
     with open(target + ".tmp", "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
