@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
+import random
 
 import pytest
 
@@ -97,6 +99,18 @@ def test_temporal_split(spark):
     assert sorted((r.user_idx, r.item_idx) for r in train.collect()) == [(0, 1), (0, 2), (1, 1), (1, 3)]
     # (0,3) is new for user 0; (0,1) was seen before the cut; item 4 and user 2 are unknown before it
     assert sorted((r.user_idx, r.item_idx) for r in test.collect()) == [(0, 3)]
+
+
+def test_temporal_cut_is_exact_and_the_same_however_the_events_are_partitioned(spark):
+    rng = random.Random(7)
+    seconds = [rng.randrange(0, 20 * 86_400) for _ in range(2_000)]
+    events = spark.createDataFrame([(dt.datetime.fromtimestamp(s, dt.UTC),) for s in seconds],
+                                   "event_time timestamp")
+    for fraction in (0.2, 0.5, 0.999):
+        # the smallest second with at least (1 - fraction) of the events at or before it
+        want = sorted(seconds)[math.ceil((1 - fraction) * len(seconds)) - 1]
+        cuts = {splits.temporal_cutoff(events.repartition(n, "event_time"), fraction) for n in (1, 3, 8)}
+        assert cuts == {want}, fraction
 
 
 def test_sequences_are_time_ordered_truncated_and_left_padded(spark):

@@ -7,11 +7,18 @@ user's train part, since the evaluator filters seen items.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
+from itertools import accumulate
+
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.data.interactions import aggregate
+from recsys_spark.errors import RecsysError
+
+SECONDS_PER_DAY = 86_400
 
 LEAVE_LAST_OUT = "leave_last_out"
 TEMPORAL = "temporal"
@@ -35,11 +42,28 @@ def leave_last_out(interactions: DataFrame) -> tuple[DataFrame, DataFrame]:
     return train, test
 
 
-def temporal_cutoff(events: DataFrame, test_fraction: float):
-    """The event time (epoch seconds) at or before which (1 - test_fraction) of the events fall."""
-    seconds = events.select(F.unix_timestamp(tb.EVENT_TIME).cast("double").alias("t"))
-    (cut,) = seconds.approxQuantile("t", [1.0 - test_fraction], 0.001)
-    return cut
+def temporal_cutoff(events: DataFrame, test_fraction: float) -> int:
+    """The earliest second (epoch) at or before which at least (1 - test_fraction) of the events fall.
+
+    Exact, so a rerun on the same events draws the same cut: ``approxQuantile`` is not (its answer
+    depends on the order in which partitions merge, and a rerun once moved the cut). Events are counted
+    per day, then per second within the day that holds the cut, so the driver collects a few hundred
+    day counts and at most 86,400 second counts whatever the number of events.
+    """
+    t = F.unix_timestamp(tb.EVENT_TIME)
+    day = F.floor(t / SECONDS_PER_DAY)
+    times = events.filter(t.isNotNull())
+    per_day = sorted(tuple(row) for row in times.groupBy(day.alias("day")).count().collect())
+    if not per_day:
+        raise RecsysError("the temporal split needs events, and there are none")
+    target = max(1, math.ceil((1.0 - test_fraction) * sum(count for _, count in per_day)))
+    up_to_day = list(accumulate(count for _, count in per_day))
+    i = bisect_left(up_to_day, target)
+    before_day = up_to_day[i] - per_day[i][1]
+    per_second = sorted(tuple(row) for row in
+                        times.filter(day == per_day[i][0]).groupBy(t.alias("t")).count().collect())
+    up_to_second = list(accumulate(count for _, count in per_second))
+    return int(per_second[bisect_left(up_to_second, target - before_day)][0])
 
 
 def temporal(indexed_events: DataFrame, test_fraction: float) -> tuple[DataFrame, DataFrame]:
