@@ -46,6 +46,12 @@ def _tagged(frames: dict[str, DataFrame]) -> DataFrame:
     return out.select(tb.SPLIT, *[c for c in out.columns if c != tb.SPLIT])
 
 
+# What run_interactions writes, in this order: the index tables (which only gain rows), then the tables
+# derived whole from bronze/events (overwritten).
+INDEX_TABLES = (tb.USER_INDEX, tb.ITEM_INDEX)
+DERIVED_TABLES = (tb.INTERACTIONS, tb.TRAIN, tb.TEST, tb.SEQUENCES, tb.SESSIONS)
+
+
 def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, int]:
     """bronze/events -> index tables, interactions, both splits, sequences and sessions.
 
@@ -95,8 +101,17 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
         order.unpersist()
     finally:
         weighted.unpersist()
-    written = [tb.USER_INDEX, tb.ITEM_INDEX, tb.INTERACTIONS, tb.TRAIN, tb.TEST, tb.SEQUENCES, tb.SESSIONS]
-    return {name: tb.read(spark, wh, name).count() for name in written}
+    return {name: tb.read(spark, wh, name).count() for name in INDEX_TABLES + DERIVED_TABLES}
+
+
+def interactions_are_current(spark: SparkSession, config: PipelineConfig) -> bool:
+    """The resume rule for ``run_interactions``: every table it derives is newer than bronze/events.
+
+    Checking one of them is not enough: a job killed after writing silver/interactions but before
+    silver/train would leave the previous day's split beside today's interactions. (The index tables
+    need no check: they are written first, and only ever gain rows.)
+    """
+    return all(tb.is_current(spark, config.warehouse, name, [tb.BRONZE_EVENTS]) for name in DERIVED_TABLES)
 
 
 def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | None = None,
@@ -406,7 +421,7 @@ def run_pipeline(spark: SparkSession, config: PipelineConfig, path: str | None, 
             echo(f"generated a synthetic event log at {path}")
         summary = run_ingest(spark, config, path, preset, fmt=fmt, sep=sep)
         echo("\n".join(summary.lines()))
-        if not force and tb.is_current(spark, config.warehouse, tb.INTERACTIONS, [tb.BRONZE_EVENTS]):
+        if not force and interactions_are_current(spark, config):
             echo("interactions: up to date with bronze/events, kept")
             counts = {name: tb.read(spark, config.warehouse, name).count() for name in (tb.INTERACTIONS, tb.TRAIN)}
         else:
