@@ -236,9 +236,12 @@ def cmd_evaluate(args, config) -> dict[str, Any]:
 
 def cmd_pipeline(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
+    from recsys_spark.runlock import pipeline_lock
 
-    return pipeline.run_pipeline(_spark("pipeline"), config, args.input, args.preset, fmt=args.fmt,
-                                 sep=args.sep, run=_run(args, config), echo=print, force=args.force)
+    run = _run(args, config)
+    with pipeline_lock(config.warehouse, run.run_date):  # before the session starts: a second run stops at once
+        return pipeline.run_pipeline(_spark("pipeline"), config, args.input, args.preset, fmt=args.fmt,
+                                     sep=args.sep, run=run, echo=print, force=args.force)
 
 
 def cmd_report(args, config) -> dict[str, Any]:
