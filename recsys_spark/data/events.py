@@ -190,7 +190,9 @@ def ingest(spark: SparkSession, path: str, preset_name: str, warehouse: str, con
     checked = validate(raw, preset, config, now).persist()
     try:
         summary = IngestSummary(source=path, preset=preset.name)
-        for row in checked.groupBy(REASON).count().collect():
+        with sources.reading(path):  # the first pass over the whole file: where a corrupt archive shows
+            counts = checked.groupBy(REASON).count().collect()
+        for row in counts:
             summary.rows_read += row["count"]
             if row[REASON] is not None:
                 summary.rejected[row[REASON]] = row["count"]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -24,6 +27,7 @@ RAW = "_raw"
 SOURCE = "_source"
 MALFORMED = "_malformed"  # a reader's own reason a row is unreadable (too many fields, not JSON), or null
 FORMATS = ("csv", "json", "parquet", "delta")
+BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -206,16 +210,45 @@ def read_raw(spark: SparkSession, path: str, preset: Preset, fmt: str | None = N
 
 
 def _text_lines(spark: SparkSession, path: str) -> tuple[DataFrame, str]:
-    lines = spark.read.text(path).filter(F.trim(F.col("value")) != "")
-    first = lines.limit(1).collect()
+    """The non-blank lines of a text file and its first one. A byte-order mark starting a line (the
+    file's, or one of several files concatenated) is dropped: it would otherwise glue itself to the
+    first field, making user "\ufeff1" a different user from "1"."""
+    value = F.col("value")
+    text = spark.read.text(path).select(
+        F.when(value.startswith(BOM), F.expr("substring(value, 2)")).otherwise(value).alias("value"))
+    lines = text.filter(F.trim(F.col("value")) != "")
+    with reading(path):
+        first = lines.limit(1).collect()
     if not first:
         raise InputError(f"input is empty: {path}")
     return lines, first[0]["value"]
 
 
+# The JVM's words for a file whose bytes cannot be read at all: a corrupt or mislabelled compressed file.
+_UNREADABLE = re.compile(r"(?:java\.io|java\.util\.zip)\.(\w+(?:Exception|Error)): ([^\n]*)")
+
+
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turn Spark's failure to read the bytes of ``path`` (a ``.gz`` that is not gzip, a truncated
+    archive) into one line naming the file and the cause, instead of a stage failure's stack trace."""
+    try:
+        yield
+    except Exception as exc:
+        found = _UNREADABLE.search(str(exc)) or _UNREADABLE.search(str(getattr(exc, "java_exception", "")))
+        if found is None:
+            raise
+        raise InputError(f"{path}: cannot be read: {found.group(2).strip() or found.group(1)} "
+                         f"({found.group(1)})") from None
+
+
 def _split_line(line: str, sep: str) -> list[str]:
+    """The fields of one line (the header, or the first row that tells the file's shape)."""
     if len(sep) == 1:
-        return next(csv.reader(io.StringIO(line), delimiter=sep))
+        try:
+            return next(csv.reader(io.StringIO(line), delimiter=sep))
+        except csv.Error:  # a field over the csv module's 128 KiB limit: count fields without quoting rules
+            pass
     return line.split(sep)
 
 
@@ -229,7 +262,7 @@ def _delimiter_hint(line: str, sep: str, expected: int) -> str:
 def _read_csv(spark: SparkSession, path: str, preset: Preset, sep: str) -> DataFrame:
     lines, first = _text_lines(spark, path)
     if preset.header:
-        columns = [c.strip().lstrip("\ufeff") for c in _split_line(first, sep)]
+        columns = [c.strip() for c in _split_line(first, sep)]
         missing = [c for c in preset.required() if c not in columns]
         if missing:
             raise InputError(
