@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -221,14 +222,42 @@ def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(airflow):
     assert "sasrec" in " ".join(dag["import_errors"].values())
 
 
+class KillFirstWrite(threading.Thread):
+    """Kills the spark-submit of ``recommend --model <model>`` (its JVM and Python driver, SIGKILL) the
+    moment the task's first data file appears under the day's partition of gold/recommendations: a task
+    that dies half-way through its write, for Airflow to retry."""
+
+    def __init__(self, warehouse: str, model: str):
+        super().__init__(daemon=True)
+        self.partition = Path(warehouse, "gold", "recommendations", f"run_date={RUN_DATE}", f"model={model}")
+        self.model, self.killed, self.done = model, [], threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.is_set() and not any(self.partition.glob("*.parquet")):
+            time.sleep(0.01)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "jobs/recommend.py" in cmdline and f"--model {self.model}" in cmdline:
+                proc.kill()
+                self.killed.append(proc.pid)
+
+
 @pytest.fixture(scope="module")
 def daily_run(airflow) -> subprocess.CompletedProcess:
-    """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2]."""
+    """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2], with the recommend task
+    of the last model killed in the middle of its write and retried once."""
     settings = {**airflow.settings, "retries": 1, "retry_delay_minutes": 0.05}
+    killer = KillFirstWrite(settings["warehouse"], MODELS[-1])
+    killer.start()
     started = time.monotonic()
     done = airflow.run("airflow", "dags", "test", "recsys_daily", RUN_DATE, settings=settings, timeout=1500,
                        log="dags_test.log")
+    killer.done.set()
+    killer.join()
     print(f"airflow dags test recsys_daily {RUN_DATE}: {time.monotonic() - started:.0f} s, rc {done.returncode}")
+    done.killed = killer.killed
     return done
 
 
@@ -241,6 +270,16 @@ def test_dags_test_runs_the_whole_day(daily_run):
                  if '"job": "publish"' in line]
     assert summaries and summaries[-1]["status"] == "ok", summaries
     assert summaries[-1]["run_date"] == RUN_DATE
+
+
+def test_a_recommend_task_killed_half_way_is_retried_and_the_day_lands_whole(daily_run):
+    """The kill happened, Airflow retried the task, and the run still succeeded; the rows it left are
+    checked whole in test_the_day_is_in_the_gold_tables (k rows for every user of every model)."""
+    assert daily_run.killed, "the recommend task was never caught writing"
+    assert daily_run.returncode == 0, _tail(daily_run.stdout, 120)
+    task = f"recommend_{MODELS[-1]}"
+    retried = [line for line in daily_run.stdout.splitlines() if task in line and "up_for_retry" in line.lower()]
+    assert retried, _tail(daily_run.stdout, 120)
 
 
 def test_the_day_is_in_the_gold_tables(daily_run, airflow, spark):

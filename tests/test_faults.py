@@ -6,6 +6,7 @@ The writers meet at a file barrier after their sessions are up, so their commits
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -61,20 +62,20 @@ def _run_at_once(tmp_path: Path, kind: str, writers: dict[str, list[dict]], ware
     return inserted
 
 
-def _world_copy(world, tmp_path: Path) -> str:
-    """A private copy of the session's world warehouse without its gold tables."""
-    warehouse = str(tmp_path / "warehouse")
-    shutil.copytree(world.warehouse, warehouse, ignore=shutil.ignore_patterns("gold"))
+def _world_copy(world, tmp_path: Path, name: str = "warehouse", with_gold: bool = False) -> str:
+    """A private copy of the session's world warehouse, without its gold tables unless ``with_gold``."""
+    warehouse = str(tmp_path / name)
+    shutil.copytree(world.warehouse, warehouse, ignore=None if with_gold else shutil.ignore_patterns("gold"))
     return warehouse
 
 
-def _job(command: str, model: str, warehouse: str, run_date) -> list[str]:
-    """The argv of ``jobs/<command>.py`` for ``model`` on the world's settings."""
+def _job(command: str, model: str | None, warehouse: str, run_date, *args: str) -> list[str]:
+    """The argv of ``jobs/<command>.py`` (for ``model``) on the world's settings."""
     from conftest import WORLD_SETTINGS
 
     sets = [arg for setting in WORLD_SETTINGS for arg in ("--set", setting)]
-    return [sys.executable, str(REPO / "jobs" / f"{command}.py"), "--model", model, "--warehouse", warehouse,
-            "--run-date", run_date.isoformat(), *sets]
+    return [sys.executable, str(REPO / "jobs" / f"{command}.py"), *(["--model", model] if model else []),
+            "--warehouse", warehouse, "--run-date", run_date.isoformat(), *sets, *args]
 
 
 def _rows(model: str, users: range) -> list[dict]:
@@ -181,3 +182,89 @@ def test_a_train_job_killed_at_any_moment_never_leaves_a_model_that_loads_half_s
             assert str(exc).startswith(f"{path} holds no complete model")
     train()
     assert recommendations() == clean
+
+
+def _delta_tables(warehouse: str) -> list[str]:
+    return sorted(os.path.relpath(root, warehouse) for root, dirs, _ in os.walk(warehouse) if "_delta_log" in dirs)
+
+
+def _data_files(table_dir: str) -> set[str]:
+    return {os.path.join(root, f) for root, dirs, files in os.walk(table_dir) if "_delta_log" not in root
+            for f in files if f.endswith(".parquet")}
+
+
+def _contents(spark, warehouse: str) -> dict[tuple[str, str | None], list[tuple]]:
+    """Every Delta table's rows, by (table, model) for tables with a model column and (table, None) for the
+    others; an empty table reads like an absent one. Write-time stamps (``*_at``) are left out, floats
+    rounded, so that two runs of the same day compare equal."""
+    out: dict[tuple[str, str | None], list[tuple]] = {}
+    for name in _delta_tables(warehouse):
+        df = spark.read.format("delta").load(os.path.join(warehouse, name))  # every table must read
+        columns = [c for c in df.columns if not c.endswith("_at")]
+        for row in df.select(columns).collect():
+            values = tuple(round(v, 6) if isinstance(v, float) else v for v in row)
+            out.setdefault((name, row["model"] if "model" in columns else None), []).append(values)
+    return {key: sorted(rows, key=repr) for key, rows in out.items()}
+
+
+def test_a_pipeline_killed_in_each_write_keeps_every_table_whole_and_its_rerun_ends_like_a_clean_run(
+        spark, world, tmp_path):
+    """The next day's ``pipeline`` (new events, popularity) SIGKILLed, process group and JVM, the moment
+    it starts writing bronze/events (ingest), silver/train (interactions), gold/recommendations
+    (recommend) and gold/metrics (evaluate), each time resumed by a plain rerun, as an Airflow retry or
+    a user would. After every kill each table (per model in gold) holds either its rows from before the
+    attempt or those a clean run ends with, never part of a write; the last rerun ends with exactly the
+    clean run's tables. A second pipeline of the same day started while one runs stops at once, naming
+    it; the lock a killed pipeline leaves behind does not block its rerun."""
+    import signal
+    import time
+
+    from recsys_spark import runlock
+    from recsys_spark.config import load_config
+    from recsys_spark.data import synthetic
+
+    events = str(tmp_path / "next-day.parquet")
+    day = load_config(overrides=["generate.events=800", "generate.seed=8", "generate.days=2",
+                                 "generate.start_date=2024-01-21"]).generate
+    synthetic.write_events(synthetic.generate_events(spark, day), events)
+    run_date = world.run.run_date + dt.timedelta(days=1)
+    pipeline_args = ("--input", events, "--models", "popularity", "--set", "tracking.enabled=false")
+
+    def pipeline(warehouse: str) -> subprocess.Popen:
+        return subprocess.Popen(_job("pipeline", None, warehouse, run_date, *pipeline_args), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=CHILD_ENV, start_new_session=True)
+
+    def finish(job: subprocess.Popen) -> None:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+
+    clean_warehouse = _world_copy(world, tmp_path, "clean", with_gold=True)
+    finish(pipeline(clean_warehouse))
+    clean = _contents(spark, clean_warehouse)
+
+    warehouse = _world_copy(world, tmp_path, "killed", with_gold=True)
+    for target in ("bronze/events", "silver/train", "gold/recommendations", "gold/metrics"):
+        before = _contents(spark, warehouse)
+        table_dir = os.path.join(warehouse, target)
+        files = _data_files(table_dir)
+        job = pipeline(warehouse)
+        if target == "bronze/events":  # meanwhile, the same day's pipeline again: it must stop at once
+            while job.poll() is None and not runlock._holder(runlock.lock_path(warehouse, run_date)):
+                time.sleep(0.01)
+            second = subprocess.run(_job("pipeline", None, warehouse, run_date, *pipeline_args), capture_output=True,
+                                    text=True, env=CHILD_ENV, timeout=120)
+            assert second.returncode == 2
+            assert "already running" in second.stderr.splitlines()[-1]
+            assert f"pid {job.pid} " in second.stderr.splitlines()[-1]
+        while job.poll() is None and not _data_files(table_dir) - files:
+            time.sleep(0.01)
+        assert job.poll() is None, f"the pipeline ended before writing {target}: {job.communicate()[1][-3000:]}"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+        after = _contents(spark, warehouse)
+        for key in before.keys() | after.keys() | clean.keys():
+            assert after.get(key) in (before.get(key), clean.get(key)), f"{key} is neither whole before nor after"
+
+    finish(pipeline(warehouse))
+    assert _contents(spark, warehouse) == clean
