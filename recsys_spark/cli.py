@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
+    """The validated configuration, every model's parameters included: before any Spark session starts,
+    so a mistake costs one line, not a JVM start."""
     overrides = list(args.overrides)
     if args.warehouse:
         overrides.append(f"warehouse={args.warehouse}")
@@ -108,7 +110,9 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         value = getattr(args, option, None)
         if value:
             overrides.append(f"model_params.{args.model}.{option}={str(value).lower()}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    registry.check_config(config)
+    return config
 
 
 def _run(args: argparse.Namespace, config: PipelineConfig):
