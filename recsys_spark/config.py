@@ -151,6 +151,15 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     model_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("warehouse")
+    @classmethod
+    def _no_backtick(cls, warehouse: str) -> str:
+        # Delta names a table by its path in backticks (delta.`<path>`, also inside its own
+        # createIfNotExists), unescaped: a backtick would end the name and fail as a SQL syntax error.
+        if "`" in warehouse:
+            raise ValueError("a backtick cannot be in the warehouse path (Delta quotes table paths with it)")
+        return warehouse
+
 
 DEFAULT_CONFIG = Path("conf/pipeline.yaml")
 
