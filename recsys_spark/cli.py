@@ -99,16 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
+    """The validated configuration, models included, and the arguments that reach table predicates and
+    paths checked (``--model``, ``--models``, ``--run-id``): all before any Spark session starts, so a
+    mistake costs one line, not a JVM start."""
+    if args.run_id is not None:
+        from recsys_spark.tables import check_run_id
+
+        check_run_id(args.run_id)
+    if getattr(args, "model", None) is not None:
+        registry.entry(args.model)  # an unknown name (or a path) stops here, listing the known ones
     overrides = list(args.overrides)
     if args.warehouse:
-        overrides.append(f"warehouse={args.warehouse}")
+        overrides.append(f"warehouse={json.dumps(args.warehouse)}")  # a JSON string is YAML: kept verbatim
     if getattr(args, "models", None):
-        overrides.append(f"models=[{args.models}]")
+        overrides.append(f"models={json.dumps(_id_list(args.models))}")  # JSON is YAML: names stay values
     for option in ("backend", "num_proc", "resume"):
         value = getattr(args, option, None)
         if value:
             overrides.append(f"model_params.{args.model}.{option}={str(value).lower()}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    registry.check_config(config)
+    return config
 
 
 def _run(args: argparse.Namespace, config: PipelineConfig):

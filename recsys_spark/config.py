@@ -13,18 +13,23 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from recsys_spark.errors import ConfigError
 
 SplitName = Literal["leave_last_out", "temporal"]
 EVENT_TYPES = ("view", "fav", "cart", "purchase", "rating", "remove")
+# The error type of a removed key; its ``ctx["key"]`` completes the location (see ``_format_errors``).
+REMOVED_KEY = "removed_key"
 
 
 class Section(BaseModel):
     """A block of configuration: unknown keys are errors, values are immutable.
 
     ``removed_keys`` maps a key the section no longer takes to where its setting went, so an old
-    configuration stops with that pointer instead of a bare "extra inputs are not permitted".
+    configuration stops with that pointer instead of a bare "extra inputs are not permitted". A validator
+    can only report the section's location, so the error carries the key in its context and
+    ``_format_errors`` appends it: the message names ``...net.lr``, not just ``...net``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,7 +41,8 @@ class Section(BaseModel):
         if isinstance(data, dict):
             for key, instead in cls.removed_keys.items():
                 if key in data:
-                    raise ValueError(f"{key!r} is no longer read: {instead}")
+                    raise PydanticCustomError(REMOVED_KEY, "no longer read: {instead}",
+                                              {"key": key, "instead": instead})
         return data
 
 
@@ -145,8 +151,26 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     model_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("warehouse")
+    @classmethod
+    def _no_backtick(cls, warehouse: str) -> str:
+        # Delta names a table by its path in backticks (delta.`<path>`, also inside its own
+        # createIfNotExists), unescaped: a backtick would end the name and fail as a SQL syntax error.
+        if "`" in warehouse:
+            raise ValueError("a backtick cannot be in the warehouse path (Delta quotes table paths with it)")
+        return warehouse
+
 
 DEFAULT_CONFIG = Path("conf/pipeline.yaml")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: its text spans several (context, problem, a caret under the line)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -155,7 +179,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -171,18 +195,28 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML: {_yaml_problem(exc)}") from None
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, prefix: tuple[str, ...] = ()) -> str:
+    """All of ``exc``'s errors on one line, each after the dotted key it concerns (``prefix`` + its location).
+
+    One line because the CLI's last line of stderr is the error; the dotted key because that is what the
+    user types in the YAML file or after ``--set``."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        loc = (*prefix, *err["loc"])
+        if err["type"] == REMOVED_KEY:
+            loc = (*loc, err["ctx"]["key"])
+        where = ".".join(str(p) for p in loc)
         got = err.get("input")
         message = err["msg"].removeprefix("Value error, ")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append((f"{where}: " if where else "") + message + got_text)
-    return f"invalid configuration in {source}: " + "; ".join(lines)
+    return " ".join(f"invalid configuration in {source}: {'; '.join(lines)}".split())
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -199,7 +233,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         source = str(conf_path)
         models_dir = conf_path.parent / "models"
         params = data.setdefault("model_params", {})
-        if models_dir.is_dir():
+        if models_dir.is_dir() and isinstance(params, dict):  # anything else: the validation below says so
             for model_file in sorted(models_dir.glob("*.yaml")):
                 params.setdefault(model_file.stem, _read_yaml(model_file))
     for override in overrides or []:
@@ -211,8 +245,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def model_config(config: PipelineConfig, name: str, schema: type[Section]) -> Section:
-    """Validate the hyper-parameters of one model against its own schema."""
+    """Validate the hyper-parameters of one model against its own schema; errors name the key from the
+    top (``model_params.<name>.net.d``), as a ``--set`` would spell it.
+
+    ``load_config`` cannot do this itself: the schemas live in the model modules, above this one.
+    ``recsys_spark.models.registry.check_config`` calls this for every model right after loading."""
     try:
         return schema.model_validate(config.model_params.get(name, {}))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, f"model_params.{name} (conf/models/{name}.yaml)")) from None
+        raise ConfigError(_format_errors(exc, f"model {name} (conf/models/{name}.yaml)",
+                                         ("model_params", name))) from None

@@ -161,13 +161,24 @@ class Run:
     run_id: str
     split: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_date, dt.date):
+            raise RecsysError(f"run date must be a date, got {self.run_date!r}")
+        tb.check_run_id(self.run_id)
+        tb.check_name(self.split, "split")
+
     @classmethod
     def of(cls, config: PipelineConfig, run_date: dt.date | None = None, run_id: str | None = None) -> Run:
         day = run_date or dt.datetime.now(dt.UTC).date()
         return cls(day, run_id or day.isoformat(), config.split)
 
     def where(self, model: str) -> str:
-        """The rows this run owns for a model in a gold table: replaced whole by a re-run."""
+        """The rows this run owns for a model in a gold table: replaced whole by a re-run.
+
+        SQL text, because Delta's replaceWhere takes nothing else; safe because every part is checked:
+        the date is a ``dt.date``, the split a plain name (``__post_init__``), the model too (here; a
+        name read back from a table passes this check as well)."""
+        model = tb.check_name(model, "model name")
         return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} = '{model}'"
 
 

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import random
+import re
 import time
 import uuid
 
@@ -158,10 +159,35 @@ def table_path(warehouse: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
+# What may go into a Delta predicate's string literal or a path unescaped. Model names (and split names)
+# are spliced into replaceWhere conditions, which Delta takes only as SQL text, and into model paths. Run
+# ids only ever travel as values (gold rows, MLflow tags, the report), but come from the command line, so
+# they are held to a safe alphabet too (``+`` and ``:`` for Airflow's, e.g. scheduled__2026-01-02T00:00:00+00:00).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._:+-]{1,128}")
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` when it is a plain name (letters, digits, ``_``, ``-``), else a one-line RecsysError:
+    the guard for every name that reaches SQL text or a path."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise RecsysError(f"{what} {value!r} is not a plain name (letters, digits, '_', '-'; at most 64)")
+    return value
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it matches ``RUN_ID_PATTERN``, else a one-line RecsysError."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise RecsysError(f"run id {run_id!r} must be 1-128 of letters, digits and . _ : + -")
+    return run_id
+
+
 def model_dir(warehouse: str, model: str, run_date: dt.date | str) -> str:
-    """Where the pipeline saves a model trained for a run date: ``<warehouse>/models/<model>/<run_date>``."""
-    day = run_date.isoformat() if isinstance(run_date, dt.date) else str(run_date)
-    return table_path(warehouse, f"models/{model}/{day}")
+    """Where the pipeline saves a model trained for a run date: ``<warehouse>/models/<model>/<run_date>``.
+
+    ``model`` must be a plain name (``check_name``): ``../x`` would leave the models directory."""
+    day = run_date.isoformat() if isinstance(run_date, dt.date) else check_name(str(run_date), "run date")
+    return table_path(warehouse, f"models/{check_name(model, 'model name')}/{day}")
 
 
 def exists(spark: SparkSession, warehouse: str, name: str) -> bool:

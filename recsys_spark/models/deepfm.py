@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from torch import Tensor, nn
@@ -71,11 +71,13 @@ class DeepFMNetParams(Section):
     removed_keys: ClassVar[dict[str, str]] = {
         key: f"DeepFM trains with train.{key}" for key in ("lr", "weight_decay", "batch_size", "epochs")}
 
-    @model_validator(mode="after")
-    def _layers(self) -> DeepFMNetParams:
-        if any(h <= 0 for h in self.hidden):
+    @field_validator("hidden")
+    @classmethod
+    def _layers(cls, hidden: list[int]) -> list[int]:
+        # A field validator, so the error names net.hidden, not only net.
+        if any(h <= 0 for h in hidden):
             raise ValueError("hidden layer sizes must be positive")
-        return self
+        return hidden
 
 
 class DeepFMTask(SampledTask):

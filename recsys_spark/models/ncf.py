@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from torch import Tensor, nn
@@ -46,11 +46,13 @@ class NCFNetParams(Section):
     weighted: bool = Field(False, description="weigh each positive's loss by its interaction weight")
     seed: int = Field(42, description="initial weights and negative sampling")
 
-    @model_validator(mode="after")
-    def _layers(self) -> NCFNetParams:
-        if not self.mlp_layers or self.mlp_layers[0] % 2 or any(x <= 0 for x in self.mlp_layers):
+    @field_validator("mlp_layers")
+    @classmethod
+    def _layers(cls, layers: list[int]) -> list[int]:
+        # A field validator, so the error names net.mlp_layers, not only net.
+        if not layers or layers[0] % 2 or any(x <= 0 for x in layers):
             raise ValueError("mlp_layers must be positive sizes with an even first one (user + item embedding)")
-        return self
+        return layers
 
 
 class NCFParams(TorchParams):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from recsys_spark.config import PipelineConfig, model_config
-from recsys_spark.errors import RecsysError
+from recsys_spark.errors import ConfigError, RecsysError
 
 if TYPE_CHECKING:
     from recsys_spark.models.base import Recommender
@@ -63,6 +63,32 @@ def build(name: str, config: PipelineConfig) -> Recommender:
     """An unfitted model with its hyper-parameters from ``config.model_params[name]``, validated."""
     cls = model_class(name)
     return cls(model_config(config, name, cls.params_class))
+
+
+def check_config(config: PipelineConfig) -> None:
+    """Validate the whole configuration's model side now: ``models`` and every ``model_params`` entry
+    (each ``conf/models/*.yaml`` is one) against that model's own schema, and a re-ranker's input model.
+
+    Why here: ``load_config`` validates pipeline.yaml but cannot validate a model's parameters, because
+    their schemas live in the model modules and ``recsys_spark.config`` sits below them (the models
+    import it; the Airflow DAG loads the configuration without Spark or torch installed). The registry
+    is the one place that already maps a name to its module, so it looks the schemas up, importing
+    downwards only. The CLI calls this right after ``load_config``, before any Spark session starts, so
+    a bad key in conf/models/x.yaml stops every command at once, not when (or if) x is trained.
+    Raises ``ConfigError`` with one line naming the dotted key.
+    """
+    unknown = [name for name in config.models if name not in MODELS]
+    if unknown:
+        raise ConfigError(f"invalid configuration: models: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    for name in config.model_params:
+        if name not in MODELS:
+            raise ConfigError(f"invalid configuration: model_params.{name}: unknown model {name!r}; "
+                              f"choose from {sorted(MODELS)}")
+        model_config(config, name, model_class(name).params_class)
+        other = upstream(name, config.model_params[name])
+        if other is not None and other not in MODELS:
+            raise ConfigError(f"invalid configuration: model_params.{name}.{entry(name).reranks}: unknown model "
+                              f"{other!r}; choose from {sorted(MODELS)}")
 
 
 def load(name: str, spark: Any, path: str) -> Recommender:
