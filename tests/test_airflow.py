@@ -163,6 +163,7 @@ def test_dag_shape_retries_and_arguments(airflow):
         **{f"recommend_{m}": [f"train_{m}"] for m in MODELS},
         "evaluate": sorted(f"recommend_{m}" for m in MODELS),
         "publish": ["evaluate"],
+        "maintain": ["publish"],
     }
     assert {t: tasks[t]["upstream"] for t in tasks} == expected_upstream
     warehouse = airflow.settings["warehouse"]
@@ -195,6 +196,14 @@ def test_dag_shape_retries_and_arguments(airflow):
         args = tasks[task_id]["args"]
         assert args[args.index("--models") + 1] == ",".join(MODELS)
     assert tasks["publish"]["application"] == str(REPO / "scripts" / "airflow" / "publish_check.py")
+    assert tasks["maintain"]["application"] == str(REPO / "jobs" / "maintain.py")
+
+
+def test_maintenance_can_be_left_out(airflow):
+    tasks = airflow.dag(settings={**airflow.settings, "maintain": False})["tasks"]
+    assert "maintain" not in tasks and "publish" in tasks
+    dag = airflow.dag(settings={**airflow.settings, "maintain": "no"})
+    assert dag["tasks"] == {} and "must be true or false" in " ".join(dag["import_errors"].values())
 
 
 def test_models_default_to_the_config_file(airflow):
@@ -223,7 +232,7 @@ def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(airflow):
 
 @pytest.fixture(scope="module")
 def daily_run(airflow) -> subprocess.CompletedProcess:
-    """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2]."""
+    """One whole `airflow dags test` of RUN_DATE: 9 spark-submits on local[2]."""
     settings = {**airflow.settings, "retries": 1, "retry_delay_minutes": 0.05}
     started = time.monotonic()
     done = airflow.run("airflow", "dags", "test", "recsys_daily", RUN_DATE, settings=settings, timeout=1500,
