@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "one self-contained HTML page (plus PNGs) of a run: metrics, training, data profile")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
 
+    p = add("maintain", "compact (OPTIMIZE) and VACUUM the warehouse's Delta tables")
+    p.add_argument("--tables", help="comma-separated table names, e.g. bronze/events,gold/recommendations "
+                                    "(default: every table in the warehouse)")
+
     p = add("pipeline", "ingest -> interactions -> train -> recommend -> evaluate for the configured models")
     p.add_argument("--input", help="raw events to ingest (default: a generated synthetic log)")
     p.add_argument("--preset", default="canonical")
@@ -245,6 +249,24 @@ def cmd_evaluate(args, config) -> dict[str, Any]:
     return {"models": models, "rows_out": rows}
 
 
+def cmd_maintain(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+    from recsys_spark import tables as tb
+
+    names = _id_list(args.tables)
+    if names is not None:
+        tb.check_table_names(names)  # before Spark starts: a typo costs nothing
+    result = pipeline.run_maintain(_spark("maintain"), config, names)
+    hours = config.maintenance.vacuum_retention_hours
+    if not result["tables"]:
+        print(f"no Delta tables to maintain under {config.warehouse}")
+    for name, files in result["tables"].items():
+        vacuumed = "?" if files["files_vacuumed"] is None else f"{files['files_vacuumed']:,}"
+        print(f"  {name:<28}{files['files_before']:>8,} -> {files['files_after']:,} files; "
+              f"{vacuumed} replaced more than {hours} h ago vacuumed")
+    return {"inputs": list(result["tables"]), "vacuum_retention_hours": hours, **result}
+
+
 def cmd_pipeline(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
     from recsys_spark.runlock import pipeline_lock
@@ -274,6 +296,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any
     "similar-items": cmd_similar_items,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
+    "maintain": cmd_maintain,
     "pipeline": cmd_pipeline,
 }
 

@@ -136,6 +136,16 @@ class TrackingConfig(Section):
     experiment: str | None = Field(None, description="default: $MLFLOW_EXPERIMENT_NAME, else recsys-spark")
 
 
+class MaintenanceConfig(Section):
+    """`recsys-spark maintain`: Delta OPTIMIZE and VACUUM of the warehouse's tables."""
+
+    vacuum_retention_hours: int = Field(
+        168, ge=0,
+        description="VACUUM deletes replaced files older than this; time travel (a backfill reading an older "
+                    "version) reaches back this far. Delta itself refuses less than the table's "
+                    "delta.deletedFileRetentionDuration (default 168 h) while its retention check is on")
+
+
 class PipelineConfig(Section):
     """The whole run. ``models`` maps a model name to its own hyper-parameters (conf/models/*.yaml)."""
 
@@ -149,6 +159,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     features: FeaturesConfig = FeaturesConfig()
     tracking: TrackingConfig = TrackingConfig()
+    maintenance: MaintenanceConfig = MaintenanceConfig()
     model_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("warehouse")

@@ -392,6 +392,31 @@ def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
     return pd.concat(frames, ignore_index=True)
 
 
+def run_maintain(spark: SparkSession, config: PipelineConfig, names: list[str] | None = None) -> dict[str, Any]:
+    """OPTIMIZE then VACUUM each table of ``names`` (default: every table of the contract) that exists.
+
+    Returns ``{"tables": {name: {files_before, files_after, files_vacuumed}}, "missing": [names not in
+    the warehouse]}``. Tables are done one at a time, in pipeline order; a missing table is skipped, so
+    an empty warehouse is a no-op. Safe beside other jobs (see ``tables.compact_and_vacuum``), but the
+    DAG runs it after the day's publish so that it does not slow the day's writes.
+    """
+    names = tb.check_table_names(names) if names is not None else list(tb.TABLES)
+    hours = config.maintenance.vacuum_retention_hours
+    done: dict[str, dict[str, int | None]] = {}
+    missing = []
+    for name in names:
+        if not tb.exists(spark, config.warehouse, name):
+            missing.append(name)
+            continue
+        log.info("%s: compacting, then vacuuming files replaced more than %d h ago", name, hours)
+        done[name] = tb.compact_and_vacuum(spark, config.warehouse, name, hours)
+        log.info("%s: %d -> %d files, %s vacuumed", name, done[name]["files_before"], done[name]["files_after"],
+                 done[name]["files_vacuumed"])
+    if missing:
+        log.info("not in the warehouse, skipped: %s", ", ".join(missing))
+    return {"tables": done, "missing": missing}
+
+
 def tracker_for(config: PipelineConfig) -> Tracker:
     t = config.tracking
     return Tracker.for_warehouse(config.warehouse, enabled=t.enabled, uri=t.uri, experiment=t.experiment)

@@ -52,6 +52,9 @@ def _defaults(local: bool) -> dict[str, str]:
                 # 200 shuffle partitions on a laptop is mostly scheduling overhead.
                 "spark.sql.shuffle.partitions": str(max(4, 2 * cores)),
                 "spark.default.parallelism": str(max(2, cores)),
+                # Delta's VACUUM lists files in this many tasks per stage (Spark's default, 10,000, made a
+                # tiny table's vacuum 100,000 tasks and a minute on 2 cores).
+                "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(max(4, 2 * cores)),
                 "spark.driver.memory": os.environ.get("RECSYS_SPARK_DRIVER_MEMORY", "6g"),
                 "spark.ui.enabled": "false",
                 "spark.ui.showConsoleProgress": "false",

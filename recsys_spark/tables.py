@@ -17,6 +17,7 @@ import uuid
 
 from delta import exceptions as dx
 from delta.tables import DeltaTable
+from pyspark.errors import IllegalArgumentException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -122,6 +123,10 @@ PRODUCER = {
     SIMILAR_ITEMS: "similar-items",
     METRICS: "evaluate",
 }
+# Every table of the contract, in pipeline order: what `recsys-spark maintain` walks.
+TABLES = tuple(PRODUCER)
+# Delta operations that commit but change no rows (compaction, vacuum's log entries).
+MAINTENANCE_OPERATIONS = ("OPTIMIZE", "VACUUM START", "VACUUM END")
 
 EVENTS_SCHEMA = T.StructType(
     [
@@ -293,10 +298,18 @@ def insert_new(df: DataFrame, warehouse: str, name: str, key: str,
 
 
 def last_commit_time(spark: SparkSession, warehouse: str, name: str):
-    """When the table last changed (its newest Delta commit), or None when it does not exist."""
+    """When the table's rows last changed: its newest Delta commit that is not maintenance. None when the
+    table does not exist, or when its retained history (30 days by default) holds only maintenance.
+
+    Why not simply the newest commit: OPTIMIZE and VACUUM commit too, so after `recsys-spark maintain`
+    every table would look newer than the tables built from it, and the pipeline's resume rule would
+    rebuild them all. None makes the callers rerun, the safe side.
+    """
     if not exists(spark, warehouse, name):
         return None
-    return DeltaTable.forPath(spark, table_path(warehouse, name)).history(1).select("timestamp").first()[0]
+    history = DeltaTable.forPath(spark, table_path(warehouse, name)).history()
+    changed = history.filter(~F.col("operation").isin(*MAINTENANCE_OPERATIONS))
+    return changed.agg(F.max("timestamp")).first()[0]
 
 
 def is_current(spark: SparkSession, warehouse: str, output: str, inputs: list[str], where: str | None = None) -> bool:
@@ -312,3 +325,52 @@ def is_current(spark: SparkSession, warehouse: str, output: str, inputs: list[st
         return False
     rows = read(spark, warehouse, output)
     return (rows.filter(where) if where else rows).limit(1).count() > 0
+
+
+def check_table_names(names: list[str]) -> list[str]:
+    """``names``, each a table of the contract (``silver/train``), else stop with one line naming the others."""
+    unknown = [n for n in names if n not in TABLES]
+    if unknown:
+        raise RecsysError(f"unknown table(s) {unknown}; known: {', '.join(TABLES)}")
+    return names
+
+
+def _num_files(table: DeltaTable) -> int:
+    """Data files in the table's current version (DESCRIBE DETAIL's numFiles)."""
+    return int(table.detail().select("numFiles").first()[0])
+
+
+def compact_and_vacuum(spark: SparkSession, warehouse: str, name: str, retention_hours: int) -> dict[str, int | None]:
+    """OPTIMIZE (bin-packing compaction) then VACUUM one table; files before and after, and vacuumed.
+
+    Why: every daily ``replace_where`` and merge adds small files, and reads slow down with their number;
+    the files they replaced stay on storage for time travel until VACUUM deletes those older than
+    ``retention_hours``. Compaction rewrites files without changing a row (a ``dataChange=false``
+    commit), so a writer that commits meanwhile only conflicts when it replaced the same files, and the
+    compaction is then planned again on the new snapshot (``_retrying``); our writers retry theirs too.
+
+    The retention is passed to Delta as it is and Delta's own check stays on: it refuses a retention
+    below the table's ``delta.deletedFileRetentionDuration`` (7 days unless set on the table), because
+    VACUUM could then delete the files of a write still in progress. That refusal is raised as one line.
+    ``files_vacuumed`` comes from Delta's VACUUM END commit (files and directories deleted); None where
+    the storage's log store does not record vacuums.
+    """
+    table = DeltaTable.forPath(spark, table_path(warehouse, name))
+    before = _num_files(table)
+    _retrying(lambda: table.optimize().executeCompaction(), f"compacting {name}")
+    after = _num_files(table)
+    last_version = table.history(1).select("version").first()[0]
+    try:
+        table.vacuum(retention_hours)
+    except IllegalArgumentException as exc:
+        if "retention" not in str(exc):
+            raise
+        raise RecsysError(
+            f"Delta refuses to VACUUM {name} with a retention of {retention_hours} h, below the table's "
+            "delta.deletedFileRetentionDuration (default 168 h): raise maintenance.vacuum_retention_hours "
+            "(spark.databricks.delta.retentionDurationCheck.enabled=false skips the check; only safe when "
+            "nothing writes the table meanwhile)") from None
+    vacuum_end = (table.history().filter((F.col("version") > last_version) & (F.col("operation") == "VACUUM END"))
+                  .orderBy("version").select(F.col("operationMetrics")["numDeletedFiles"]).first())
+    vacuumed = int(vacuum_end[0]) if vacuum_end is not None and vacuum_end[0] is not None else None
+    return {"files_before": before, "files_after": after, "files_vacuumed": vacuumed}

@@ -164,6 +164,7 @@ def test_dag_shape_retries_and_arguments(airflow):
         **{f"recommend_{m}": [f"train_{m}"] for m in MODELS},
         "evaluate": sorted(f"recommend_{m}" for m in MODELS),
         "publish": ["evaluate"],
+        "maintain": ["publish"],
     }
     assert {t: tasks[t]["upstream"] for t in tasks} == expected_upstream
     warehouse = airflow.settings["warehouse"]
@@ -196,6 +197,14 @@ def test_dag_shape_retries_and_arguments(airflow):
         args = tasks[task_id]["args"]
         assert args[args.index("--models") + 1] == ",".join(MODELS)
     assert tasks["publish"]["application"] == str(REPO / "scripts" / "airflow" / "publish_check.py")
+    assert tasks["maintain"]["application"] == str(REPO / "jobs" / "maintain.py")
+
+
+def test_maintenance_can_be_left_out(airflow):
+    tasks = airflow.dag(settings={**airflow.settings, "maintain": False})["tasks"]
+    assert "maintain" not in tasks and "publish" in tasks
+    dag = airflow.dag(settings={**airflow.settings, "maintain": "no"})
+    assert dag["tasks"] == {} and "must be true or false" in " ".join(dag["import_errors"].values())
 
 
 def test_models_default_to_the_config_file(airflow):
@@ -246,7 +255,7 @@ class KillFirstWrite(threading.Thread):
 
 @pytest.fixture(scope="module")
 def daily_run(airflow) -> subprocess.CompletedProcess:
-    """One whole `airflow dags test` of RUN_DATE: 8 spark-submits on local[2], with the recommend task
+    """One whole `airflow dags test` of RUN_DATE: 9 spark-submits on local[2], with the recommend task
     of the last model killed in the middle of its write and retried once."""
     settings = {**airflow.settings, "retries": 1, "retry_delay_minutes": 0.05}
     killer = KillFirstWrite(settings["warehouse"], MODELS[-1])

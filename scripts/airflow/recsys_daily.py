@@ -3,7 +3,7 @@
 ::
 
     ingest -> interactions -> train_<model> (one per model, in parallel) -> recommend_<model>
-           -> evaluate -> publish
+           -> evaluate -> publish -> maintain
 
 What a model needs first comes from the library's model registry (``recsys_spark/models/registry.py``,
 read here without Spark or torch): when some models read the feature tables, a ``features`` task
@@ -15,7 +15,9 @@ Each task is a ``SparkSubmitOperator`` running ``<repo>/jobs/<command>.py`` (pub
 ``<repo>/scripts/airflow/publish_check.py``) with ``--run-date {{ ds }}``, so a re-run or a backfill
 of a day replaces that day's rows of each model in the gold tables and nothing else. Runs go one at a
 time (``max_active_runs=1``): each run rebuilds the silver tables whole. publish fails the run when a
-model has no recommendations or metrics for the day.
+model has no recommendations or metrics for the day. maintain (``jobs/maintain.py``) then compacts the
+warehouse's Delta tables and vacuums the files they replaced more than ``maintenance.vacuum_retention_hours``
+ago (from the config); it runs last so that it never slows the day's writes, and only after a good day.
 
 Settings: one JSON Variable, ``recsys_daily``; every key is optional and an unknown key is an import
 error. Defaults come from the repository's conf files.
@@ -58,6 +60,9 @@ error. Defaults come from the repository's conf files.
     retries with exponential back-off (defaults 3, 5, 60) and a per-task time limit (default none)
 ``schedule``, ``start_date``
     a cron expression or preset (default ``@daily``), the first day (default ``2026-01-01``)
+``maintain``
+    ``false`` leaves out the maintain task, e.g. where another schedule maintains the warehouse
+    (default ``true``)
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ KEYS = frozenset({
     "repo", "config", "models", "warehouse", "input", "preset", "format", "sep", "overrides",
     "spark_conn_id", "py_files", "archives", "jars", "packages", "python", "spark_conf", "properties_file", "env_vars",
     "pool", "retries", "retry_delay_minutes", "max_retry_delay_minutes", "timeout_hours", "schedule", "start_date",
+    "maintain",
 })
 RUN_DATE = "{{ ds }}"
 
@@ -140,6 +146,9 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
     if python:
         spark_conf["spark.pyspark.python"] = python
     spark_conf.update({k: str(v) for k, v in (given.get("spark_conf") or {}).items()})
+    maintain = given.get("maintain", True)
+    if not isinstance(maintain, bool):
+        raise ValueError(f"`maintain` in Variable {VARIABLE} must be true or false, got {maintain!r}")
     jars = given.get("jars", _cached_delta_jars())
     jars = ",".join(_names(jars))
     return {
@@ -167,6 +176,7 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
         "timeout": timedelta(hours=float(given["timeout_hours"])) if given.get("timeout_hours") else None,
         "schedule": given.get("schedule") or "@daily",
         "start_date": datetime.fromisoformat(str(given.get("start_date") or "2026-01-01")).replace(tzinfo=UTC),
+        "maintain": maintain,
     }
 
 
@@ -214,7 +224,7 @@ def _submit(task_id: str, application: str, args: list[str], s: dict[str, Any], 
 
 
 def build_dag(s: dict[str, Any]) -> DAG:
-    """ingest -> interactions [-> features] -> train_<m> -> recommend_<m> -> evaluate -> publish."""
+    """ingest -> interactions [-> features] -> train_<m> -> recommend_<m> -> evaluate -> publish [-> maintain]."""
     job = f"{s['repo']}/jobs/{{}}.py"
     common = _job_args(s)
     with DAG(
@@ -263,6 +273,8 @@ def build_dag(s: dict[str, Any]) -> DAG:
         for model, other in reranks.items():
             recommends[other] >> recommends[model]
         evaluate >> publish
+        if s["maintain"]:
+            publish >> _submit("maintain", job.format("maintain"), common, s)
     return dag
 
 
