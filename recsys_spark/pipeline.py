@@ -111,7 +111,7 @@ def interactions_are_current(spark: SparkSession, config: PipelineConfig) -> boo
     silver/train would leave the previous day's split beside today's interactions. (The index tables
     need no check: they are written first, and only ever gain rows.)
     """
-    return all(tb.is_current(spark, config.warehouse, name, [tb.BRONZE_EVENTS]) for name in DERIVED_TABLES)
+    return tb.is_current(spark, config.warehouse, list(DERIVED_TABLES), [tb.BRONZE_EVENTS])
 
 
 def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | None = None,

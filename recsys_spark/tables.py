@@ -312,19 +312,24 @@ def last_commit_time(spark: SparkSession, warehouse: str, name: str):
     return changed.agg(F.max("timestamp")).first()[0]
 
 
-def is_current(spark: SparkSession, warehouse: str, output: str, inputs: list[str], where: str | None = None) -> bool:
-    """True when ``output`` has rows (matching ``where``) written after the last change of every input.
+def is_current(spark: SparkSession, warehouse: str, output: str | list[str], inputs: list[str],
+               where: str | None = None) -> bool:
+    """True when ``output`` (each of them, for a list) has rows (matching ``where``) written after the last
+    change of every input.
 
     The pipeline's resume rule: a step whose output is missing or older than its inputs runs again.
     """
-    written = last_commit_time(spark, warehouse, output)
-    if written is None:
-        return False
     changed = [last_commit_time(spark, warehouse, name) for name in inputs]
-    if any(t is None or t > written for t in changed):
+    if any(t is None for t in changed):
         return False
-    rows = read(spark, warehouse, output)
-    return (rows.filter(where) if where else rows).limit(1).count() > 0
+    for name in [output] if isinstance(output, str) else output:
+        written = last_commit_time(spark, warehouse, name)
+        if written is None or any(t > written for t in changed):
+            return False
+        rows = read(spark, warehouse, name)
+        if (rows.filter(where) if where else rows).limit(1).count() == 0:
+            return False
+    return True
 
 
 def check_table_names(names: list[str]) -> list[str]:

@@ -219,6 +219,9 @@ def test_a_pipeline_killed_in_each_write_keeps_every_table_whole_and_its_rerun_e
     import signal
     import time
 
+    from conftest import WORLD_SETTINGS
+
+    from recsys_spark import pipeline as pipeline_steps
     from recsys_spark import runlock
     from recsys_spark.config import load_config
     from recsys_spark.data import synthetic
@@ -238,13 +241,18 @@ def test_a_pipeline_killed_in_each_write_keeps_every_table_whole_and_its_rerun_e
         _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
 
+    # The clean run: the same pipeline, uninterrupted, in this (already warm) session.
     clean_warehouse = _world_copy(world, tmp_path, "clean", with_gold=True)
-    finish(pipeline(clean_warehouse))
+    config = load_config(overrides=[f"warehouse={clean_warehouse}", *WORLD_SETTINGS, "models=[popularity]",
+                                    "tracking.enabled=false"])
+    pipeline_steps.run_pipeline(spark, config, events, "canonical", run=pipeline_steps.Run.of(config, run_date),
+                                echo=lambda _: None)
     clean = _contents(spark, clean_warehouse)
 
     warehouse = _world_copy(world, tmp_path, "killed", with_gold=True)
+    after = _contents(spark, warehouse)
     for target in ("bronze/events", "silver/train", "gold/recommendations", "gold/metrics"):
-        before = _contents(spark, warehouse)
+        before = after
         table_dir = os.path.join(warehouse, target)
         files = _data_files(table_dir)
         job = pipeline(warehouse)
