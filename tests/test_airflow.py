@@ -287,8 +287,8 @@ def test_a_recommend_task_killed_half_way_is_retried_and_the_day_lands_whole(dai
     assert daily_run.killed, "the recommend task was never caught writing"
     assert daily_run.returncode == 0, _tail(daily_run.stdout, 120)
     task = f"recommend_{MODELS[-1]}"
-    retried = [line for line in daily_run.stdout.splitlines() if task in line and "up_for_retry" in line.lower()]
-    assert retried, _tail(daily_run.stdout, 120)
+    tries = [line for line in daily_run.stdout.splitlines() if f"starting task_id={task} " in line]
+    assert len(tries) == 2 and "new_state=up_for_retry" in daily_run.stdout, _tail(daily_run.stdout, 120)
 
 
 def test_the_day_is_in_the_gold_tables(daily_run, airflow, spark):
