@@ -30,6 +30,7 @@ K = 10
 # Small enough for a whole run in a few minutes on 2 cores.
 OVERRIDES = [f"recommend.k={K}", "evaluate.ks=[5,10]", "model_params.als.rank=8", "model_params.als.max_iter=3"]
 SPARK_CONF = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2",
+              "spark.databricks.delta.snapshotPartitions": "2",
               "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
 
 DUMP_DAG = """

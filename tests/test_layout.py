@@ -17,7 +17,7 @@ PACKAGE = ROOT / "recsys_spark"
 
 # Lowest first: a module may import from its own layer and the layers before it, never from a later one.
 LAYERS = [
-    {"errors", "config", "tables", "metrics", "session"},
+    {"errors", "config", "tables", "metrics", "session", "runlock"},
     {"data", "nn"},
     {"train", "evaluate", "scoring"},
     {"models"},
