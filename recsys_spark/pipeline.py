@@ -392,9 +392,6 @@ def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
     return pd.concat(frames, ignore_index=True)
 
 
-LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
-
-
 def run_maintain(spark: SparkSession, config: PipelineConfig, names: list[str] | None = None) -> dict[str, Any]:
     """OPTIMIZE then VACUUM each table of ``names`` (default: every table of the contract) that exists.
 
@@ -407,24 +404,14 @@ def run_maintain(spark: SparkSession, config: PipelineConfig, names: list[str] |
     hours = config.maintenance.vacuum_retention_hours
     done: dict[str, dict[str, int | None]] = {}
     missing = []
-    # VACUUM lists a table's files in this many tasks per stage. Spark's default, 10,000, made the DAG's
-    # maintain task (14 small tables, spark-submit on 2 cores) take 5 minutes; twice the cluster's cores
-    # lists as fast as the cluster can. A value given at launch is kept.
-    set_here = not spark.sparkContext.getConf().contains(LISTING_PARALLELISM)
-    if set_here:
-        spark.conf.set(LISTING_PARALLELISM, str(2 * spark.sparkContext.defaultParallelism))
-    try:
-        for name in names:
-            if not tb.exists(spark, config.warehouse, name):
-                missing.append(name)
-                continue
-            log.info("%s: compacting, then vacuuming files replaced more than %d h ago", name, hours)
-            done[name] = tb.compact_and_vacuum(spark, config.warehouse, name, hours)
-            log.info("%s: %d -> %d files, %s vacuumed", name, done[name]["files_before"],
-                     done[name]["files_after"], done[name]["files_vacuumed"])
-    finally:
-        if set_here:
-            spark.conf.unset(LISTING_PARALLELISM)
+    for name in names:
+        if not tb.exists(spark, config.warehouse, name):
+            missing.append(name)
+            continue
+        log.info("%s: compacting, then vacuuming files replaced more than %d h ago", name, hours)
+        done[name] = tb.compact_and_vacuum(spark, config.warehouse, name, hours)
+        log.info("%s: %d -> %d files, %s vacuumed", name, done[name]["files_before"], done[name]["files_after"],
+                 done[name]["files_vacuumed"])
     if missing:
         log.info("not in the warehouse, skipped: %s", ", ".join(missing))
     return {"tables": done, "missing": missing}

@@ -52,9 +52,6 @@ def _defaults(local: bool) -> dict[str, str]:
                 # 200 shuffle partitions on a laptop is mostly scheduling overhead.
                 "spark.sql.shuffle.partitions": str(max(4, 2 * cores)),
                 "spark.default.parallelism": str(max(2, cores)),
-                # Delta's VACUUM lists files in this many tasks per stage (Spark's default, 10,000, made a
-                # tiny table's vacuum 100,000 tasks and a minute on 2 cores).
-                "spark.sql.sources.parallelPartitionDiscovery.parallelism": str(max(4, 2 * cores)),
                 # Delta replays a table's log in this many tasks on every read and write (default 50);
                 # on 2 cores, 12 small merges and reads took 44 s with 50 and 22 s with 4.
                 "spark.databricks.delta.snapshotPartitions": str(max(4, 2 * cores)),
