@@ -210,9 +210,9 @@ def read_raw(spark: SparkSession, path: str, preset: Preset, fmt: str | None = N
 
 
 def _text_lines(spark: SparkSession, path: str) -> tuple[DataFrame, str]:
-    """The non-blank lines of a text file and its first one. A byte-order mark starting a line (the
-    file's, or one of several files concatenated) is dropped: it would otherwise glue itself to the
-    first field, making user "\ufeff1" a different user from "1"."""
+    """The non-blank lines of a text file and its first one. A byte-order mark (U+FEFF) starting a line
+    is dropped: Hadoop's reader drops the file's own, but not one that starts a later line (files
+    concatenated), where it would glue itself to the first field and make user "1" two users."""
     value = F.col("value")
     text = spark.read.text(path).select(
         F.when(value.startswith(BOM), F.expr("substring(value, 2)")).otherwise(value).alias("value"))
