@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from delta import exceptions as dx
 from delta.tables import DeltaTable
-from pyspark.errors import IllegalArgumentException
+from pyspark.errors import AnalysisException, IllegalArgumentException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -227,8 +227,9 @@ COMMIT_CONFLICTS = (dx.DeltaConcurrentModificationException, dx.ConcurrentWriteE
 CONFLICT_RETRIES = 8
 
 
-def _retrying(write, what: str):
-    """``write()``, again after a short random pause each time Delta reports a commit conflict.
+def _retrying(write, what: str, also: tuple[type[Exception], ...] = ()):
+    """``write()``, again after a short random pause each time Delta reports a commit conflict (or one
+    of ``also``).
 
     Why: jobs of one run date write to the same tables in parallel (the DAG's model tasks, two ingests of
     overlapping files). Each write below is idempotent (a ``replaceWhere`` of its own rows, a merge that
@@ -236,7 +237,7 @@ def _retrying(write, what: str):
     for attempt in range(1, CONFLICT_RETRIES + 1):
         try:
             return write()
-        except COMMIT_CONFLICTS as exc:
+        except COMMIT_CONFLICTS + also as exc:
             if attempt == CONFLICT_RETRIES:
                 raise RecsysError(f"{what}: still conflicting with other writers after {attempt} tries: "
                                   f"{str(exc).splitlines()[0]}") from exc
@@ -247,18 +248,49 @@ def _retrying(write, what: str):
     raise AssertionError("unreachable")
 
 
+class _LogWithoutCommit(Exception):
+    """A ``_delta_log`` folder that holds no commit yet: another writer is between making the folder and
+    committing version 0, or one was killed there."""
+
+
+def _remove_if_empty(spark: SparkSession, folder: str) -> None:
+    """Delete ``folder`` if it holds nothing. Hadoop refuses a non-recursive delete of a folder with files,
+    so a writer whose commit lands meanwhile keeps it (its commit recreates a removed folder)."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(folder)
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if fs.exists(hpath) and not fs.listStatus(hpath):
+        fs.delete(hpath, False)
+
+
 def _create_if_missing(df: DataFrame, path: str, partition_by: list[str] | None) -> None:
     """An empty table with ``df``'s schema at ``path`` unless one is there: one commit, so writers racing
     to create it end with one table (the losers' conflict is retried and finds it), and the rows always
-    go in by the keyed writes below, never by a blind overwrite of a table someone just created."""
+    go in by the keyed writes below, never by a blind overwrite of a table someone just created.
+
+    Delta's ``createIfNotExists`` fails with DELTA_TABLE_NOT_FOUND on a ``_delta_log`` folder without a
+    commit (CI met it: two first-day ``recommend`` jobs). After a pause, a folder still empty is a killed
+    creator's and is removed; either way the creation is tried again."""
     spark = df.sparkSession
-    if DeltaTable.isDeltaTable(spark, path):
-        return
     nullable = T.StructType([T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema])
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(nullable)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
-    _retrying(builder.execute, f"creating {path}")
+
+    def create() -> None:
+        if DeltaTable.isDeltaTable(spark, path):
+            return
+        try:
+            builder.execute()
+        except AnalysisException as exc:
+            if "DELTA_TABLE_NOT_FOUND" not in (exc.getErrorClass() or ""):
+                raise
+            time.sleep(1.0)
+            if not DeltaTable.isDeltaTable(spark, path):
+                _remove_if_empty(spark, path.rstrip("/") + "/_delta_log")
+            raise _LogWithoutCommit(str(exc)) from exc
+
+    _retrying(create, f"creating {path}", also=(_LogWithoutCommit,))
 
 
 def replace_where(df: DataFrame, warehouse: str, name: str, condition: str,

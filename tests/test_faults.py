@@ -142,6 +142,22 @@ def test_two_recommend_jobs_started_together_on_the_first_day_both_land(spark, w
     assert dict(zip(recs[tb.MODEL], recs["count"], strict=True)) == {"popularity": clean, "als": 10 * users}
 
 
+def test_a_table_whose_creator_died_before_its_first_commit_is_created_by_the_next_write(spark, tmp_path):
+    """A ``_delta_log`` folder without a commit is what a creator leaves when it is killed between making
+    the folder and committing version 0, and what a second first-day writer sees meanwhile (CI met it in
+    the race above: Delta's createIfNotExists fails on it with DELTA_TABLE_NOT_FOUND). The next write
+    creates the table and lands its rows, by both keyed writes."""
+    from recsys_spark import tables as tb
+
+    warehouse = str(tmp_path / "warehouse")
+    for name in (tb.RECOMMENDATIONS, tb.BRONZE_EVENTS):
+        os.makedirs(os.path.join(warehouse, name, "_delta_log"))
+    rows = spark.createDataFrame(_rows("als", range(5)), "model string, user_idx int, item_idx int, key string")
+    tb.replace_where(rows, warehouse, tb.RECOMMENDATIONS, "model = 'als'", ["model"])
+    assert tb.insert_new(rows, warehouse, tb.BRONZE_EVENTS, key="key") == 5
+    assert tb.read(spark, warehouse, tb.RECOMMENDATIONS).count() == 5
+
+
 def test_a_train_job_killed_at_any_moment_never_leaves_a_model_that_loads_half_saved(spark, world, tmp_path):
     """``train`` SIGKILLed (its whole process group: Python and JVM) at several moments, each over the
     model of the run before: the model directory either loads whole (the old model or the new one, with
