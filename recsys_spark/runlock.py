@@ -34,7 +34,7 @@ def lock_path(warehouse: str, run_date: dt.date) -> str:
     return os.path.join(warehouse.removeprefix("file://"), "_locks", f"pipeline-{run_date.isoformat()}.json")
 
 
-def _holder(path: str) -> dict | None:
+def holder(path: str) -> dict | None:
     """The lock's owner, or None when the file is gone or not (yet) a whole JSON object."""
     try:
         with open(path) as fh:
@@ -77,13 +77,13 @@ def pipeline_lock(warehouse: str, run_date: dt.date) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _holder(path)
-            if not _stale(path, holder):
-                who = (f"pid {holder['pid']} on {holder['host']} since {holder['started']}" if holder
+            owner = holder(path)
+            if not _stale(path, owner):
+                who = (f"pid {owner['pid']} on {owner['host']} since {owner['started']}" if owner
                        else "a process that is starting")
                 raise RecsysError(f"the pipeline of {run_date} is already running in {warehouse}: {who} "
                                   f"(lock {path}); wait for it, or remove the lock if that process is gone") from None
-            log.warning("taking over the lock %s of a pipeline that is gone (%s)", path, holder)
+            log.warning("taking over the lock %s of a pipeline that is gone (%s)", path, owner)
             try:
                 os.remove(path)
             except FileNotFoundError:
@@ -97,5 +97,5 @@ def pipeline_lock(warehouse: str, run_date: dt.date) -> Iterator[None]:
     try:
         yield
     finally:
-        if _holder(path) == me:
+        if holder(path) == me:
             os.remove(path)

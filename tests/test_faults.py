@@ -278,7 +278,7 @@ def test_a_pipeline_killed_in_each_write_keeps_every_table_whole_and_its_rerun_e
         files = _data_files(table_dir)
         job = pipeline(warehouse)
         if target == "bronze/events":  # meanwhile, the same day's pipeline again: it must stop at once
-            while job.poll() is None and not runlock._holder(runlock.lock_path(warehouse, run_date)):
+            while job.poll() is None and not runlock.holder(runlock.lock_path(warehouse, run_date)):
                 time.sleep(0.01)
             second = subprocess.run(_job("pipeline", None, warehouse, run_date, *pipeline_args), capture_output=True,
                                     text=True, env=CHILD_ENV, timeout=120)
