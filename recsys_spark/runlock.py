@@ -54,13 +54,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _stale(path: str, holder: dict | None) -> bool:
-    if holder is None:
+def _stale(path: str, owner: dict | None) -> bool:
+    if owner is None:
         try:
             return time.time() - os.path.getmtime(path) > UNWRITTEN_LOCK_SECONDS
         except FileNotFoundError:
             return True
-    return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
+    return owner.get("host") == socket.gethostname() and not _process_alive(int(owner.get("pid", -1)))
 
 
 @contextmanager
