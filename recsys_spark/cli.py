@@ -279,9 +279,10 @@ def cmd_probe(args, config) -> dict[str, Any]:
     print(f"probe of {args.model}'s {result.entity} embeddings for {result.target} ({len(result.classes)} classes, "
           f"{result.n:,} {result.entity}s, {result.folds} folds): {auc}accuracy {result.accuracy:.4f} "
           f"(+/- {result.accuracy_std:.4f}) vs {result.majority_accuracy:.4f} for the majority class "
-          f"({result.classes[0]}); rows in gold/metrics with split {pr.PROBE_SPLIT}")
+          f"({result.classes[0]}); rows in gold/metrics with split {pr.PROBE_SPLIT}"
+          + (f"; left out, fewer {result.entity}s than folds: {', '.join(result.dropped)}" if result.dropped else ""))
     return {"inputs": [f"gold/{args.entity}_embeddings", f"silver/{args.entity}_features"], "model": args.model,
-            "target": result.target, "rows_out": len(result.rows()),
+            "target": result.target, "rows_out": len(result.rows()), "dropped_classes": list(result.dropped),
             **{pr.parse_metric(metric)[0]: value for metric, _, value in result.rows()}}
 
 

@@ -75,7 +75,9 @@ def test_a_planted_signal_is_found_and_written_to_gold_metrics(spark, world, pla
     assert main(argv) == 0
     assert rows() == written
     assert main([*argv[:-4], "--folds", "2", "--reg-param", "0.1"]) == 0  # FIELD's values, multi-class
-    capsys.readouterr()
+    multi_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The world has a value or two of FIELD held by a single user: left out (fewer rows than folds), named.
+    assert multi_summary["dropped_classes"] and multi_summary["classes"] >= 2
     both = rows()
     assert {m: v for m, v in both.items() if m in written} == written
     multi = {pr.parse_metric(m)[0]: v[1] for m, v in both.items() if m not in written}
@@ -151,7 +153,8 @@ def test_targets_that_are_not_class_labels_are_refused(spark):
         pr.target_labels(ids, "user", "one", vocab)
     emb = _embeddings(spark, [f"u{i}" for i in range(6)], np.eye(6))
     thin = spark.createDataFrame([(f"u{i}", float(i == 0)) for i in range(6)], f"{tb.USER_ID} string, _label double")
-    with pytest.raises(RecsysError, match=r"class\(es\) \[\('b', 1\)\] have fewer rows than the 3 folds"):
+    with pytest.raises(RecsysError, match=r"class\(es\) \[\('b', 1\)\] have fewer rows than the 3 folds, which "
+                                          r"leaves fewer than two classes"):
         pr.probe(emb, thin, tb.USER_ID, ("a", "b"), folds=3)
     with pytest.raises(RecsysError, match="unknown entity 'session'"):
         pr.check_entity("session")

@@ -17,7 +17,8 @@ Protocol, stated once:
   A target with more than ``MAX_CLASSES`` values is refused: it is an id or an unbucketed number.
 - **Folds.** ``folds``-fold cross-validation, stratified by class and seeded: within each class, rows
   are ordered by ``xxhash64(key, seed)`` and dealt to the folds in turn, so the split depends on the ids
-  and the seed only (not on partitioning), and every fold holds every class.
+  and the seed only (not on partitioning), and every fold holds every class. A class with fewer rows
+  than folds cannot, and is left out (named in the result and by the CLI).
 - **Scores**, each the mean over the folds of the held-out fold's value (with its standard deviation
   over folds): accuracy; AUC (area under ROC) for binary targets only; and the **majority-class
   baseline's accuracy** (predict the training folds' most frequent class), the number a probe has to
@@ -116,6 +117,7 @@ class ProbeResult:
     majority_accuracy: float
     auc: float | None = None      # binary targets only
     auc_std: float | None = None
+    dropped: tuple[str, ...] = ()  # classes left out: fewer rows than folds
 
     def rows(self) -> list[tuple[str, int, float]]:
         """(metric, k, value) rows for gold/metrics (k = 0: a probe has no cut-off)."""
@@ -186,30 +188,37 @@ def probe(embeddings: DataFrame, labels: DataFrame, key: str, classes: tuple[str
     """Cross-validated logistic regression from ``embeddings`` (key, embedding array<float>) to ``labels``
     (key, _label double in 0..len(classes)-1, from :func:`target_labels`). See the module's protocol.
 
-    Raises a one-line RecsysError when too few rows are left to fill the folds with every class.
+    Classes with fewer rows (among the entities with an embedding) than ``folds`` are left out and named
+    in ``ProbeResult.dropped``; a one-line RecsysError when fewer than two classes are left.
     """
     if folds < 2:
         raise RecsysError(f"a probe needs 2 folds at least, got {folds}")
     tb.require_columns(embeddings, [key, tb.EMBEDDING], "the embeddings")
+    joined = embeddings.select(key, array_to_vector(tb.EMBEDDING).alias(_FEATURES)).join(labels, key)
+    sizes = dict(joined.groupBy(_LABEL).agg(F.count(F.lit(1)).alias(_N)).collect())
+    if not sizes:
+        raise RecsysError(f"no {entity} has both an embedding and a known {target}: nothing to probe")
+    # Classes with fewer rows than folds cannot be in every fold: left out, and said so.
+    kept = sorted((c for c in range(len(classes)) if sizes.get(float(c), 0) >= folds),
+                  key=lambda c: (-sizes[float(c)], c))
+    thin = [(classes[c], sizes.get(float(c), 0)) for c in range(len(classes)) if c not in kept]
+    if len(kept) < 2:
+        raise RecsysError(f"{entity} target {target!r}: class(es) {thin} have fewer rows than the {folds} folds, "
+                          "which leaves fewer than two classes; probe with fewer folds or another --positive")
+    if thin:
+        log.warning("probe %s %s: classes %s left out, fewer rows than the %d folds", entity, target, thin, folds)
+        relabel = F.create_map(*[F.lit(x) for i, c in enumerate(kept) for x in (float(c), float(i))])
+        joined = joined.withColumn(_LABEL, relabel[F.col(_LABEL)]).filter(F.col(_LABEL).isNotNull())
+    dropped = tuple(name for name, _ in thin)
+    classes = tuple(classes[c] for c in kept)
     deal = Window.partitionBy(_LABEL).orderBy(F.xxhash64(F.col(key), F.lit(seed)), F.col(key))
-    data = (
-        embeddings.select(key, array_to_vector(tb.EMBEDDING).alias(_FEATURES))
-        .join(labels, key)
-        .withColumn(_FOLD, (F.row_number().over(deal) - 1) % folds)
-        .persist()
-    )
+    data = joined.withColumn(_FOLD, (F.row_number().over(deal) - 1) % folds).persist()
     try:
-        # counts[fold, class]: the folds' class balance, for the check and the majority baseline.
+        # counts[fold, class]: the folds' class balance, for the majority baseline.
         counts = np.zeros((folds, len(classes)), dtype=np.int64)
         for row in data.groupBy(_FOLD, _LABEL).agg(F.count(F.lit(1)).alias(_N)).collect():
             counts[int(row[_FOLD]), int(row[_LABEL])] = row[_N]
         per_class = counts.sum(axis=0)
-        if per_class.sum() == 0:
-            raise RecsysError(f"no {entity} has both an embedding and a known {target}: nothing to probe")
-        thin = [(classes[c], int(n)) for c, n in enumerate(per_class) if n < folds]
-        if thin:
-            raise RecsysError(f"{entity} target {target!r}: class(es) {thin} have fewer rows than the {folds} "
-                              "folds; probe with fewer folds or a --positive value")
         binary = len(classes) == 2
         lr = LogisticRegression(featuresCol=_FEATURES, labelCol=_LABEL, regParam=reg_param, maxIter=max_iter,
                                 family="binomial" if binary else "multinomial")
@@ -232,7 +241,7 @@ def probe(embeddings: DataFrame, labels: DataFrame, key: str, classes: tuple[str
         return float(np.std(values, ddof=1))
 
     result = ProbeResult(
-        entity=entity, target=target, classes=tuple(classes), n=int(per_class.sum()), folds=folds,
+        entity=entity, target=target, classes=classes, n=int(per_class.sum()), folds=folds, dropped=dropped,
         accuracy=float(np.mean(accuracy)), accuracy_std=spread(accuracy), majority_accuracy=float(np.mean(majority)),
         auc=float(np.mean(auc)) if binary else None, auc_std=spread(auc) if binary else None,
     )
