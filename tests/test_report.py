@@ -157,8 +157,8 @@ def test_item_maps_and_probe_scores(spark, tmp_path):
     warehouse = str(tmp_path / "warehouse")
     gender_auc = pr.metric_name(pr.AUC, "user", "gender")
     probes = [("nightly-new", NEW, "als", pr.PROBE_SPLIT, pr.metric_name(stat, "user", "gender"), 0, value)
-              for stat, value in ((pr.AUC, 0.71), (pr.ACCURACY, 0.74), (pr.MAJORITY_ACCURACY, 0.70), (pr.N_ROWS, 943),
-                                  (pr.N_CLASSES, 2), (pr.N_FOLDS, 5))]
+              for stat, value in ((pr.AUC, 0.71), (pr.ACCURACY, 0.74), (pr.MAJORITY_ACCURACY, 0.70), (pr.N_ROWS, 943.0),
+                                  (pr.N_CLASSES, 2.0), (pr.N_FOLDS, 5.0))]
     _save(spark.createDataFrame(_metrics_rows() + probes, METRICS_SCHEMA), warehouse, tb.METRICS)
     rng = np.random.default_rng(0)
     category = {f"i{i}": 1 + i % 2 for i in range(40)}  # vocabulary index: 1 shoes, 2 books
