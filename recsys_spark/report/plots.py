@@ -239,7 +239,7 @@ def _plot_item_maps(data: ReportData) -> bytes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     labels = [g for g in [*named, OTHER, NO_GROUP] if g in handles]
-    fig.legend([handles[g] for g in labels], labels, loc="outside upper center", ncols=min(len(labels), 10),
+    fig.legend([handles[g] for g in labels], labels, loc="outside upper center", ncols=min(len(labels), 4 * cols),
                frameon=False, fontsize=9, markerscale=2.5)
     return _png(fig)
 
