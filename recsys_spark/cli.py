@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated model names (default: every model with recommendations "
                                     "for the run date)")
 
+    p = add("probe", "how much a feature a model's embeddings carry: cross-validated logistic regression "
+                     "from gold/<entity>_embeddings to a column of silver/<entity>_features, into gold/metrics")
+    p.add_argument("--model", required=True, help="the model whose embeddings of the run date are probed")
+    p.add_argument("--target", required=True, help="a column of the feature table, e.g. gender, age_bucket, "
+                                                   "occupation (users), category, genre_drama (items)")
+    p.add_argument("--entity", choices=["user", "item"], default="user",
+                   help="probe user embeddings against silver/user_features (default) or item embeddings "
+                        "against silver/item_features")
+    p.add_argument("--positive", help="probe this value of the target against all the others (binary, with "
+                                      "AUC), e.g. --target age_bucket --positive 25-34")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, stratified (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
+    p.add_argument("--reg-param", type=float, default=0.01,
+                   help="L2 penalty of the logistic regression, on standardised embeddings (default: 0.01)")
+
     p = add("report", "one self-contained HTML page (plus PNGs) of a run: metrics, training, data profile")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
 
@@ -249,6 +264,28 @@ def cmd_evaluate(args, config) -> dict[str, Any]:
     return {"models": models, "rows_out": rows}
 
 
+def cmd_probe(args, config) -> dict[str, Any]:
+    from recsys_spark import pipeline
+    from recsys_spark.evaluate import probe as pr
+    from recsys_spark.tables import check_name
+
+    check_name(args.target, "target column")  # before Spark starts: a typo in the name costs nothing
+    if args.folds < 2:
+        raise RecsysError(f"--folds must be 2 or more, got {args.folds}")
+    run = _run(args, config)
+    result = pipeline.run_probe(_spark("probe"), config, run, args.model, args.target, entity=args.entity,
+                                positive=args.positive, folds=args.folds, seed=args.seed, reg_param=args.reg_param)
+    auc = "" if result.auc is None else f"AUC {result.auc:.4f} (+/- {result.auc_std:.4f}), "
+    print(f"probe of {args.model}'s {result.entity} embeddings for {result.target} ({len(result.classes)} classes, "
+          f"{result.n:,} {result.entity}s, {result.folds} folds): {auc}accuracy {result.accuracy:.4f} "
+          f"(+/- {result.accuracy_std:.4f}) vs {result.majority_accuracy:.4f} for the majority class "
+          f"({result.classes[0]}); rows in gold/metrics with split {pr.PROBE_SPLIT}"
+          + (f"; left out, fewer {result.entity}s than folds: {', '.join(result.dropped)}" if result.dropped else ""))
+    return {"inputs": [f"gold/{args.entity}_embeddings", f"silver/{args.entity}_features"], "model": args.model,
+            "target": result.target, "rows_out": len(result.rows()), "dropped_classes": list(result.dropped),
+            **{pr.parse_metric(metric)[0]: value for metric, _, value in result.rows()}}
+
+
 def cmd_maintain(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
     from recsys_spark import tables as tb
@@ -295,6 +332,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PipelineConfig], dict[str, Any
     "recommend": cmd_recommend,
     "similar-items": cmd_similar_items,
     "evaluate": cmd_evaluate,
+    "probe": cmd_probe,
     "report": cmd_report,
     "maintain": cmd_maintain,
     "pipeline": cmd_pipeline,

@@ -23,6 +23,7 @@ from recsys_spark.data import events as ev
 from recsys_spark.data import features, indexing, interactions, sequences, splits, synthetic
 from recsys_spark.data.sequences import session_item_arrays
 from recsys_spark.errors import RecsysError
+from recsys_spark.evaluate import probe as pr
 from recsys_spark.evaluate.ranking import evaluate, format_table, summary_columns, with_run_info
 from recsys_spark.evaluate.sessions import BASELINES, N_QUERIES, SessionScorer, evaluate_sessions
 from recsys_spark.models import registry
@@ -390,6 +391,43 @@ def run_evaluate_sessions(spark: SparkSession, config: PipelineConfig, run: Run,
         train.unpersist()
         test.unpersist()
     return pd.concat(frames, ignore_index=True)
+
+
+def run_probe(spark: SparkSession, config: PipelineConfig, run: Run, model_name: str, target: str,
+              entity: str = "user", positive: str | None = None, folds: int = 5, seed: int = 0,
+              reg_param: float = 0.01) -> pr.ProbeResult:
+    """Probe a model's embeddings of this run date for a feature column (``recsys_spark.evaluate.probe``)
+    and write the scores to gold/metrics (split ``probe``).
+
+    Reads ``gold/<entity>_embeddings`` (the model's rows of this run date and split) and
+    ``silver/<entity>_features`` with ``silver/feature_vocab``. A re-run of the same probe (model, entity,
+    target) replaces exactly its own rows; other probes' and the ranking rows stay.
+    """
+    registry.entry(model_name)
+    emb_table, feat_table, key, _ = pr.check_entity(entity)
+    tb.check_name(target, "target column")
+    wh = config.warehouse
+    labels, classes, name = pr.target_labels(tb.read(spark, wh, feat_table), entity, target,
+                                             features.Vocabulary.read(spark, wh), positive)
+    embeddings = tb.read(spark, wh, emb_table)
+    mine = embeddings.filter(run.where(model_name)).filter(F.col(tb.SPLIT) == run.split)
+    if mine.limit(1).count() == 0:
+        day = F.col(tb.RUN_DATE) == F.lit(run.run_date)
+        present = sorted(r[0] for r in embeddings.filter(day).select(tb.MODEL).distinct().collect())
+        raise RecsysError(f"no {entity} embeddings of {model_name} for run date {run.run_date} in {emb_table} "
+                          f"(models with some that day: {', '.join(present) or 'none'}): run `recsys-spark "
+                          f"train --model {model_name} --run-date {run.run_date}` first, with a model that "
+                          "learns embeddings")
+    result = pr.probe(mine.select(key, tb.EMBEDDING), labels, key, classes, entity=entity, target=name,
+                      folds=folds, seed=seed, reg_param=reg_param)
+    frame = spark.createDataFrame(result.rows(), f"{tb.METRIC} string, {tb.K} int, {tb.VALUE} double")
+    rows = with_run_info(frame, run.run_id, run.run_date, model_name, pr.PROBE_SPLIT)
+    # Every stat's name, written or not: a binary probe re-run as multi-class loses its stale AUC rows.
+    names = ", ".join("'" + pr.metric_name(s, entity, name).replace("'", "''") + "'" for s in pr.STATS)
+    tb.replace_where(rows, wh, tb.METRICS,
+                     f"{run.where(model_name)} AND {tb.SPLIT} = '{pr.PROBE_SPLIT}' AND {tb.METRIC} IN ({names})",
+                     GOLD_PARTITIONS)
+    return result
 
 
 def run_maintain(spark: SparkSession, config: PipelineConfig, names: list[str] | None = None) -> dict[str, Any]:

@@ -144,3 +144,46 @@ def test_sections_without_their_tables_say_so(spark, tmp_path):
     for missing in (tb.RECOMMENDATIONS, tb.BRONZE_EVENTS, tb.INTERACTIONS):
         assert f"{missing} not found under" in page
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [plots.PNG_COVERAGE, plots.PNG_METRICS]
+
+
+def test_item_maps_and_probe_scores(spark, tmp_path):
+    """Item embeddings of two categories planted 6 apart on one axis: each model's map puts them on either
+    side of PC1, coloured by category; the probes' rows show in their own table, not as metrics."""
+    import numpy as np
+
+    from recsys_spark.evaluate import probe as pr
+    from recsys_spark.report.data import MAP_GROUP, MAP_X
+
+    warehouse = str(tmp_path / "warehouse")
+    gender_auc = pr.metric_name(pr.AUC, "user", "gender")
+    probes = [("nightly-new", NEW, "als", pr.PROBE_SPLIT, pr.metric_name(stat, "user", "gender"), 0, value)
+              for stat, value in ((pr.AUC, 0.71), (pr.ACCURACY, 0.74), (pr.MAJORITY_ACCURACY, 0.70), (pr.N_ROWS, 943.0),
+                                  (pr.N_CLASSES, 2.0), (pr.N_FOLDS, 5.0))]
+    _save(spark.createDataFrame(_metrics_rows() + probes, METRICS_SCHEMA), warehouse, tb.METRICS)
+    rng = np.random.default_rng(0)
+    category = {f"i{i}": 1 + i % 2 for i in range(40)}  # vocabulary index: 1 shoes, 2 books
+    embeddings = [("nightly-new", model, "leave_last_out", item, [float(x) for x in (6.0 * (c == 1), 0, 0)
+                                                                  + rng.normal(0, 0.5, 3)], NEW)
+                  for model in ("als", "ncf") for item, c in category.items()]
+    _save(spark.createDataFrame(embeddings, "run_id string, model string, split string, item_id string, "
+                                            "embedding array<float>, run_date date"), warehouse, tb.ITEM_EMBEDDINGS)
+    _save(spark.createDataFrame([(item, i, c) for i, (item, c) in enumerate(category.items())],
+                                "item_id string, item_idx int, category int"), warehouse, tb.ITEM_FEATURES)
+    _save(spark.createDataFrame([("category", "shoes", 1), ("category", "books", 2)],
+                                "field string, value string, index int"), warehouse, tb.FEATURE_VOCAB)
+
+    out = tmp_path / "out"
+    page = open(report.write_report(spark, warehouse, str(out)), encoding="utf-8").read()
+    assert "<h2>Item embedding maps</h2>" in page and "coloured by category" in page
+    assert (out / plots.PNG_ITEM_MAPS).read_bytes().startswith(PNG_MAGIC)
+    assert "Embedding probes" in page and "gender" in page and '<td class="best">0.7400</td>' in page
+    assert "(probe)" not in page and "probe_auc" not in page  # not a column nor a row of the ranking table
+    numbers = json.loads((out / "report.json").read_text())
+    assert numbers["probes"] == [{"model": "als", "entity": "user", "target": "gender", "auc": 0.71, "accuracy": 0.74,
+                                  "majority_accuracy": 0.70, "n": 943, "classes": 2, "folds": 5}]
+    assert gender_auc not in {m["metric"] for m in numbers["metrics"]}
+    assert set(numbers["item_maps"]) == {"als", "ncf"} and numbers["map_groups"] == "category"
+    for model, points in numbers["item_maps"].items():
+        assert len(points) == 40 and numbers["map_variance"][model][0] > 0.8
+        xs = {g: [p[MAP_X] for p in points if p[MAP_GROUP] == g] for g in ("shoes", "books")}
+        assert abs(np.mean(xs["shoes"]) - np.mean(xs["books"])) > 5  # the planted gap, along PC1

@@ -1,7 +1,8 @@
 """The report's HTML page: one self-contained document built from a ``ReportData`` and the PNGs.
 
 ``to_html`` writes the page's sections (``SECTIONS``, in page order): the metrics table, with the best
-model of each higher-is-better row in bold; the plots, embedded as base64 data URIs; and the data
+model of each higher-is-better row in bold, and beside it the embedding probes' scores; the plots (the
+item embedding maps among them), embedded as base64 data URIs; and the data
 profile's summary cards. The CSS is inline and there are no scripts or external resources, so the file
 can be mailed or archived on its own. Only strings are built here: no Spark session, no drawing.
 """
@@ -17,13 +18,15 @@ import pandas as pd
 
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
+from recsys_spark.evaluate import probe as pr
 from recsys_spark.evaluate.ranking import COVERAGE, DISPLAY_NAMES, N_USERS
-from recsys_spark.report.data import ReportData
+from recsys_spark.report.data import MAP_POINTS, PROBE_COLUMNS, ReportData
 from recsys_spark.report.plots import (
     PNG_ACTIVE,
     PNG_COUNTS,
     PNG_COVERAGE,
     PNG_EVENTS,
+    PNG_ITEM_MAPS,
     PNG_METRICS,
     PNG_TRAINING,
     _series_label,
@@ -34,8 +37,10 @@ SECTION_METRICS_TABLE = "Metrics"
 SECTION_METRICS_AT_K = "Metrics at K"
 SECTION_TRAINING = "Training loss"
 SECTION_COVERAGE = "Coverage and popularity"
+SECTION_EMBEDDINGS = "Item embedding maps"
 SECTION_PROFILE = "Data profile"
-SECTIONS = (SECTION_METRICS_TABLE, SECTION_METRICS_AT_K, SECTION_TRAINING, SECTION_COVERAGE, SECTION_PROFILE)
+SECTIONS = (SECTION_METRICS_TABLE, SECTION_METRICS_AT_K, SECTION_TRAINING, SECTION_COVERAGE, SECTION_EMBEDDINGS,
+            SECTION_PROFILE)
 
 # Metrics where a higher value is better: the table marks the best model in their columns.
 HIGHER_IS_BETTER = {*M.RANKING_METRICS, COVERAGE}
@@ -125,6 +130,26 @@ def _metrics_table(metrics: pd.DataFrame) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def _probe_table(probes: pd.DataFrame) -> str:
+    """One row per probe: AUC (binary targets), accuracy and the majority class's accuracy, the rows,
+    classes and folds; the accuracy in bold where it beats the majority class."""
+    head = "".join(f"<th>{_esc(c.replace('_', ' '))}</th>" for c in PROBE_COLUMNS)
+    body = []
+    for _, row in probes.iterrows():
+        cells = []
+        for column in PROBE_COLUMNS:
+            value = row[column]
+            if column in (tb.MODEL, "entity", "target"):
+                cells.append(f"<td>{_esc(value)}</td>")
+            elif column in (pr.N_ROWS, pr.N_CLASSES, pr.N_FOLDS):
+                cells.append(f"<td>{'' if value != value else f'{int(value):,}'}</td>")
+            else:
+                best = column == pr.ACCURACY and value > row[pr.MAJORITY_ACCURACY]
+                cells.append(f"<td{_BEST if best else ''}>{'' if value != value else f'{value:.4f}'}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
 def _simple_table(frame: pd.DataFrame, columns: list[str]) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
     body = "".join(
@@ -172,6 +197,11 @@ def to_html(data: ReportData, images: dict[str, bytes]) -> str:
         parts.append("<div><h3>Recommendations written (gold/recommendations)</h3>"
                      + _simple_table(data.recommendations, [tb.MODEL, tb.SPLIT, "users", "rows", "items"])
                      + "</div>")
+    if data.probes is not None:
+        parts.append("<div><h3>Embedding probes (gold/metrics, split probe)</h3>"
+                     '<p class="note">Cross-validated logistic regression from each model\'s embeddings to a '
+                     "feature (`recsys-spark probe`): the mean over held-out folds; accuracy in bold where it "
+                     "beats always answering the majority class.</p>" + _probe_table(data.probes) + "</div>")
     parts.append("</div></section>")
 
     parts.append(f"<section><h2>{SECTION_METRICS_AT_K}</h2>"
@@ -197,6 +227,18 @@ def to_html(data: ReportData, images: dict[str, bytes]) -> str:
                  f"{', '.join(map(str, ks))}.</p>"
                  + (_img(images, PNG_COVERAGE, "catalogue coverage and mean popularity per model")
                     or '<p class="note">no coverage or popularity metrics in this run</p>') + "</section>")
+
+    maps = _img(images, PNG_ITEM_MAPS, "item embeddings on their first two principal components, per model")
+    if maps:
+        colour = f"coloured by {data.map_groups}" if data.map_groups else "uncoloured (no item features)"
+        maps = (f'<p class="note">Each model\'s item embeddings of this run on their first two principal '
+                f"components (Spark MLlib PCA over all its items; at most {MAP_POINTS:,} items drawn, the same "
+                f"ones for every model), {_esc(colour)}; the most frequent groups in colour, the rest grey. "
+                "Items of a group that cluster are what the embedding learned about it.</p>" + maps)
+    else:
+        maps = ('<p class="note">No item embeddings in this run: popularity and item-kNN learn none; ALS and '
+                "the torch models write them to gold/item_embeddings.</p>")
+    parts.append(f"<section><h2>{SECTION_EMBEDDINGS}</h2>{maps}</section>")
 
     profile = data.profile
     days = f"{profile['first_day']} to {profile['last_day']}" if profile.get("first_day") else None

@@ -1,7 +1,8 @@
 """The report's plots: PNG bytes drawn with matplotlib's Agg canvas from a ``ReportData``.
 
 ``render`` draws every plot the data allow (metrics at K, training loss per epoch, coverage and
-popularity, events and active users and items per day, interactions per user and per item) and returns
+popularity, the item embedding maps, events and active users and items per day, interactions per user
+and per item) and returns
 them by file name (the ``PNG_*`` names). Figures are built on ``matplotlib.figure.Figure`` with an Agg
 canvas: no pyplot, no display, no global backend switch. Nothing here runs on Spark; it only reads the
 already collected aggregates, so the plots can be redrawn or tested without a session.
@@ -18,7 +19,7 @@ import pandas as pd
 from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.evaluate.ranking import COVERAGE, DISPLAY_NAMES, MEAN_POPULARITY
-from recsys_spark.report.data import COUNT, ReportData
+from recsys_spark.report.data import COUNT, MAP_GROUP, MAP_X, MAP_Y, NO_GROUP, OTHER, ReportData
 
 # One small plot per ranking metric, in this order.
 PLOTTED_METRICS = (M.NDCG, M.HR, M.RECALL, M.PRECISION, M.MAP, M.MRR)
@@ -30,10 +31,14 @@ PNG_COVERAGE = "coverage_popularity.png"
 PNG_EVENTS = "events_per_day.png"
 PNG_ACTIVE = "users_items_per_day.png"
 PNG_COUNTS = "interaction_counts.png"
+PNG_ITEM_MAPS = "item_embedding_maps.png"
 
 _DPI = 100
 _MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf")
+# The item maps' groups: the palette without its grey, which marks "other" and "unknown".
+_GROUP_COLORS = tuple(c for c in _MODEL_COLORS if c != "#7f7f7f")
+_GREYS = {OTHER: "#9a9a9a", NO_GROUP: "#d0d0d0"}
 
 
 def render(data: ReportData) -> dict[str, bytes]:
@@ -43,6 +48,7 @@ def render(data: ReportData) -> dict[str, bytes]:
         PNG_METRICS: _plot_metrics_at_k(data, colors),
         PNG_TRAINING: _plot_training(data, colors) if data.histories else None,
         PNG_COVERAGE: _plot_coverage(data, colors),
+        PNG_ITEM_MAPS: _plot_item_maps(data) if data.item_maps else None,
         PNG_EVENTS: _plot_events(data) if data.events_per_day is not None and len(data.events_per_day) else None,
         PNG_ACTIVE: _plot_active(data) if data.active_per_day is not None and len(data.active_per_day) else None,
         PNG_COUNTS: _plot_counts(data) if data.user_buckets is not None and len(data.user_buckets) else None,
@@ -200,6 +206,41 @@ def _plot_coverage(data: ReportData, colors: dict[str, str]) -> bytes | None:
             from matplotlib.ticker import PercentFormatter
 
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    return _png(fig)
+
+
+def _plot_item_maps(data: ReportData) -> bytes:
+    """One scatter per model of its items on their first two principal components, coloured by group
+    (the same colour for a group in every panel; "other" and "unknown" grey, drawn first, underneath)."""
+    every = pd.concat([f[MAP_GROUP] for f in data.item_maps.values()])
+    named = [g for g in every.value_counts().index if g not in _GREYS]
+    palette = {**_GREYS, **{g: _GROUP_COLORS[i % len(_GROUP_COLORS)] for i, g in enumerate(named)}}
+    order = [g for g in (NO_GROUP, OTHER) if g in set(every)] + named
+    models = list(data.item_maps)
+    cols = min(len(models), 3)
+    rows = math.ceil(len(models) / cols)
+    fig = _figure(12 if cols > 1 else 6.5, 3.8 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, model in zip(axes, models, strict=False):
+        frame = data.item_maps[model]
+        for group in order:
+            part = frame[frame[MAP_GROUP] == group]
+            if len(part):
+                ax.scatter(part[MAP_X], part[MAP_Y], s=7, alpha=0.7, linewidths=0, color=palette[group],
+                           label=group)
+        pc1, pc2 = ([*data.map_variance.get(model, []), math.nan, math.nan])[:2]
+        _style(ax, f"{model} ({len(frame):,} items)")
+        ax.set_xlabel(f"PC1 ({pc1:.0%} of variance)", fontsize=9)
+        ax.set_ylabel(f"PC2 ({pc2:.0%})", fontsize=9)
+    for ax in axes[len(models):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes[:len(models)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    labels = [g for g in [*named, OTHER, NO_GROUP] if g in handles]
+    fig.legend([handles[g] for g in labels], labels, loc="outside upper center", ncols=min(len(labels), 4 * cols),
+               frameon=False, fontsize=9, markerscale=2.5)
     return _png(fig)
 
 
