@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import PipelineConfig
+from recsys_spark.data.matrix import tfidf_weight
 from recsys_spark.errors import ConfigError, RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.als import ALSParams, ALSRecommender
@@ -278,10 +279,17 @@ def test_svd_factors_reconstruct_a_rank_two_matrix(spark, solver):
     np.testing.assert_allclose(v.T @ v, np.eye(2), atol=1e-5)
 
 
-def test_svd_weightings_change_the_matrix(spark, blocks):
-    for weighting in ("binary", "bm25", "tfidf"):
-        model = SVDRecommender(SVDParams(rank=3, weighting=weighting)).fit(blocks)
-        assert model.user_factors().count() == N_BLOCKS * BLOCK
+def test_tfidf_weight_matches_implicit_and_svd_checks_its_rank(spark, blocks):
+    nn = pytest.importorskip("implicit.nearest_neighbours")
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    rng = np.random.default_rng(4)
+    dense = (rng.random((6, 8)) < 0.5) * rng.integers(1, 4, size=(6, 8)).astype(float)
+    dense[:, 0], dense[0, :] = np.maximum(dense[:, 0], 1), np.maximum(dense[0, :], 1)
+    expected = nn.tfidf_weight(scipy_sparse.csr_matrix(dense.T)).T.toarray()  # items as documents
+    got = np.zeros_like(expected)
+    for r in tfidf_weight(interactions(spark, _dense_rows(dense))).collect():
+        got[r[tb.USER_IDX], r[tb.ITEM_IDX]] = r[tb.WEIGHT]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
     with pytest.raises(RecsysError, match="rank 12 must be below the number of train items"):
         SVDRecommender(SVDParams(rank=12)).fit(blocks)
 
