@@ -49,8 +49,8 @@ log = logging.getLogger("bench_linear")
 
 RANK = 64
 EASE_SIZES = [2000, 5000, 10000, 20000]
-EASE_GRID = [10.0, 30.0, 100.0, 200.0, 500.0, 1000.0]
-SVD_GRID = [{"rank": r} for r in (16, 32, 64, 128, 256)] + [{"rank": 64, "weighting": w} for w in ("bm25", "tfidf")]
+EASE_GRID = [20.0, 100.0, 200.0, 300.0]
+SVD_GRID = [{"rank": r} for r in (16, 24, 32, 48)] + [{"rank": 32, "weighting": w} for w in ("bm25", "tfidf")]
 
 
 def synthetic(spark, n_users: int, n_items: int, per_user: int, seed: int = 0):
