@@ -101,6 +101,8 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}, {"by": "weight"}, {"window_days": 30}, {"window_days": 7}],
     "itemknn": [{}, {"weighting": "bm25"}, {"neighbours": 50, "shrink": 10.0}, {"neighbours": 300}],
     "als": [{}, {"rank": 200}, {"rank": 64, "reg_param": 0.01, "alpha": 1.0}, {"alpha": 5.0, "reg_param": 0.1}],
+    "svd": [{}, {"rank": 32}, {"rank": 128}, {"weighting": "bm25"}],
+    "ease": [{}, {"reg": 500.0}, {"reg": 50.0}, {"reg": 1000.0}],
     "ncf": [{}, {"net": {"model": "gmf", "mf_dim": 64}}, {"train": {"lr": 0.003}},
             {"net": {"n_negatives": 8, "dropout": 0.2}}],
     "sasrec-ce": [{}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.002}}, {"net": {"d": 128, "dropout": 0.5}}],
@@ -123,7 +125,7 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
 }
 # Registry model behind each row (the sasrec rows differ by loss).
 MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
-RANKING_ROWS = ["popularity", "itemknn", "als", "ncf", "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm",
+RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "ncf", "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm",
                 "reference-sasrec", "implicit-als", "implicit-itemknn"]
 SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce"]
 

@@ -27,6 +27,8 @@ TINY = {
     "popularity": {},
     "itemknn": {"neighbours": 20},
     "als": {"rank": 4, "max_iter": 5, "reg_param": 0.01, "num_blocks": 2, "seed": 1},
+    "svd": {"rank": 4, "power_iters": 3},
+    "ease": {"reg": 10.0},
     "ncf": {**TORCH, "net": {"mf_dim": 4, "mlp_layers": [8, 4]}},
     "sasrec": {**TORCH, "net": {"max_len": 10, "d": 8, "blocks": 1}},
     "gru4rec": {**TORCH, "net": {"hidden": 8, "parallel": 8, "n_sample": 16, "max_length": 10}},

@@ -12,11 +12,14 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import PipelineConfig
+from recsys_spark.data.matrix import tfidf_weight
 from recsys_spark.errors import ConfigError, RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.als import ALSParams, ALSRecommender
+from recsys_spark.models.ease import EASEParams, EASERecommender
 from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender, bm25_weight
 from recsys_spark.models.popularity import PopularityParams, PopularityRecommender
+from recsys_spark.models.svd import SVDParams, SVDRecommender
 from recsys_spark.tables import SIMILAR_ITEM_IDX
 
 pytestmark = pytest.mark.spark
@@ -226,6 +229,69 @@ def test_itemknn_bm25_matches_implicit(spark):
     model = ItemKNNRecommender(ItemKNNParams(weighting="bm25", neighbours=8)).fit(train)
     for r in model.neighbours.collect():
         assert r[tb.SCORE] == pytest.approx(cosine[r[tb.ITEM_IDX], r[SIMILAR_ITEM_IDX]])
+
+
+# --- EASE and PureSVD ---------------------------------------------------------------------------
+
+
+def _dense_rows(dense: np.ndarray) -> list[tuple]:
+    users, items = np.nonzero(dense)
+    return [(int(u), int(i), float(dense[u, i])) for u, i in zip(users, items, strict=True)]
+
+
+def test_ease_weights_are_the_closed_form(spark):
+    rng = np.random.default_rng(5)
+    dense = (rng.random((9, 6)) < 0.5) * rng.integers(1, 3, size=(9, 6)).astype(float)
+    dense[np.arange(6), np.arange(6)] = 1.0  # every item has a user
+    train = interactions(spark, _dense_rows(dense))
+    model = EASERecommender(EASEParams(reg=2.0)).fit(train)
+    p = np.linalg.inv(dense.T @ dense + 2.0 * np.eye(6))
+    expected = np.eye(6) - p / np.diag(p)[None, :]  # Steck's B = I - P diagMat(1 / diag(P))
+    assert model.item_ids.tolist() == list(range(6))
+    np.testing.assert_allclose(model.weights, expected, atol=1e-6)
+    assert (np.diag(model.weights) == 0).all()
+    recs = recs_of(model, train, 6)
+    user = recs[recs[tb.USER_IDX] == 0]
+    unseen = np.flatnonzero(dense[0] == 0)
+    np.testing.assert_allclose(user[tb.SCORE], np.sort((dense[0] @ expected)[unseen])[::-1], rtol=1e-5)
+    similar = model.similar_items(2).toPandas()
+    first = similar[similar[tb.ITEM_IDX] == 0].sort_values(tb.RANK)[SIMILAR_ITEM_IDX].tolist()
+    assert first == list(np.argsort(-expected[0, 1:])[:2] + 1)  # the top of row B[0, :], itself left out
+
+
+def test_ease_refuses_a_catalogue_above_max_items(spark):
+    train = interactions(spark, [(0, 0), (0, 1), (1, 1), (1, 2)])
+    with pytest.raises(RecsysError, match=r"3 items, above max_items=2"):
+        EASERecommender(EASEParams(max_items=2)).fit(train)
+
+
+@pytest.mark.parametrize("solver", ["randomized", "mllib"])
+def test_svd_factors_reconstruct_a_rank_two_matrix(spark, solver):
+    rng = np.random.default_rng(11)
+    dense = rng.integers(1, 4, size=(10, 2)).astype(float) @ rng.integers(1, 4, size=(2, 7)).astype(float)
+    train = interactions(spark, _dense_rows(dense))  # every entry positive: the matrix has rank 2
+    model = SVDRecommender(SVDParams(rank=2, solver=solver, oversample=3, power_iters=4)).fit(train)
+    users = model.user_factors().toPandas().sort_values(tb.USER_IDX)
+    items = model.item_factors().toPandas().sort_values(tb.ITEM_IDX)
+    u_sigma, v = np.stack(users["embedding"].to_numpy()), np.stack(items["embedding"].to_numpy())
+    np.testing.assert_allclose(u_sigma @ v.T, dense, rtol=1e-4)  # X = U Sigma V^T
+    np.testing.assert_allclose(model.sigma, np.linalg.svd(dense, compute_uv=False)[:2], rtol=1e-5)
+    np.testing.assert_allclose(v.T @ v, np.eye(2), atol=1e-5)
+
+
+def test_tfidf_weight_matches_implicit_and_svd_checks_its_rank(spark, blocks):
+    nn = pytest.importorskip("implicit.nearest_neighbours")
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    rng = np.random.default_rng(4)
+    dense = (rng.random((6, 8)) < 0.5) * rng.integers(1, 4, size=(6, 8)).astype(float)
+    dense[:, 0], dense[0, :] = np.maximum(dense[:, 0], 1), np.maximum(dense[0, :], 1)
+    expected = nn.tfidf_weight(scipy_sparse.csr_matrix(dense.T)).T.toarray()  # items as documents
+    got = np.zeros_like(expected)
+    for r in tfidf_weight(interactions(spark, _dense_rows(dense))).collect():
+        got[r[tb.USER_IDX], r[tb.ITEM_IDX]] = r[tb.WEIGHT]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    with pytest.raises(RecsysError, match="rank 12 must be below the number of train items"):
+        SVDRecommender(SVDParams(rank=12)).fit(blocks)
 
 
 # --- registry ------------------------------------------------------------------------------------

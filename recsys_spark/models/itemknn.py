@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
+from recsys_spark.data.matrix import bm25_weight
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.tables import SIMILAR_ITEM_IDX
@@ -39,8 +40,6 @@ _DOT = "_dot"
 _COMMON = "_common"
 _POS = "_pos"
 _SIM = "_sim"
-_IDF = "_idf"
-_LENGTH = "_length"
 
 
 class ItemKNNParams(Section):
@@ -51,30 +50,6 @@ class ItemKNNParams(Section):
     max_user_items: int = Field(500, gt=0, description="history cap for the similarity self-join")
     bm25_k1: float = Field(1.2, ge=0)
     bm25_b: float = Field(0.75, ge=0, le=1)
-
-
-def bm25_weight(interactions: DataFrame, k1: float, b: float) -> DataFrame:
-    """(user_idx, item_idx, weight) with ``weight`` BM25-weighted, items as documents and users as terms.
-
-    The same as ``implicit``'s ``bm25_weight`` applied to the item-user matrix:
-    ``w * (k1 + 1) / (k1 * length_norm(item) + w) * idf(user)`` with ``idf(user) = log(N) - log1p(items
-    of user)``, ``N`` the number of items in ``interactions``, and ``length_norm(item) = 1 - b + b *
-    item weight sum / mean item weight sum``: frequent users and long item columns count less.
-    """
-    n_items = interactions.select(tb.ITEM_IDX).distinct().count()
-    idf = interactions.groupBy(tb.USER_IDX).agg(
-        (F.log(F.lit(float(max(n_items, 1)))) - F.log1p(F.count(F.lit(1)))).alias(_IDF)
-    )
-    lengths = interactions.groupBy(tb.ITEM_IDX).agg(F.sum(tb.WEIGHT).alias(_LENGTH))
-    mean_length = lengths.agg(F.avg(_LENGTH)).first()[0] or 1.0
-    length_norm = (1.0 - b) + b * F.col(_LENGTH) / F.lit(mean_length)
-    weight = F.col(tb.WEIGHT)
-    weighted = weight * (k1 + 1.0) / (k1 * length_norm + weight) * F.col(_IDF)
-    return (
-        interactions.join(idf, tb.USER_IDX)
-        .join(lengths, tb.ITEM_IDX)
-        .select(tb.USER_IDX, tb.ITEM_IDX, weighted.alias(tb.WEIGHT))
-    )
 
 
 class ItemKNNRecommender(Recommender):

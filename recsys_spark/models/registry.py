@@ -40,6 +40,8 @@ MODELS: dict[str, Entry] = {
     "popularity": Entry("recsys_spark.models.popularity:PopularityRecommender"),
     "itemknn": Entry("recsys_spark.models.itemknn:ItemKNNRecommender"),
     "als": Entry("recsys_spark.models.als:ALSRecommender"),
+    "svd": Entry("recsys_spark.models.svd:SVDRecommender"),
+    "ease": Entry("recsys_spark.models.ease:EASERecommender"),
     "ncf": Entry("recsys_spark.models.ncf:NCFRecommender"),
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
