@@ -15,7 +15,7 @@ from recsys_spark.config import PipelineConfig
 from recsys_spark.errors import ConfigError, RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.als import ALSParams, ALSRecommender
-from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender, bm25_weight
+from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender, bm25_weight, tfidf_weight
 from recsys_spark.models.popularity import PopularityParams, PopularityRecommender
 from recsys_spark.tables import SIMILAR_ITEM_IDX
 
@@ -225,6 +225,37 @@ def test_itemknn_bm25_matches_implicit(spark):
     cosine = unit.T @ unit
     model = ItemKNNRecommender(ItemKNNParams(weighting="bm25", neighbours=8)).fit(train)
     for r in model.neighbours.collect():
+        assert r[tb.SCORE] == pytest.approx(cosine[r[tb.ITEM_IDX], r[SIMILAR_ITEM_IDX]])
+
+
+def test_itemknn_tfidf_weights_and_neighbours(spark):
+    """TF-IDF on the item-user matrix: sqrt(w) * (log(N items) - log1p(items of the user)), then the cosine;
+    the same numbers as implicit's tfidf_weight when implicit is installed."""
+    rng = np.random.default_rng(5)
+    dense = (rng.random((5, 7)) < 0.5) * rng.integers(1, 5, size=(5, 7))
+    dense[:, 0] = np.maximum(dense[:, 0], 1)  # every user and item has an interaction
+    dense[0, :] = np.maximum(dense[0, :], 1)
+    users, items = np.nonzero(dense)
+    train = interactions(spark, [(int(u), int(i), float(dense[u, i])) for u, i in zip(users, items, strict=True)])
+    idf = np.log(dense.shape[1]) - np.log1p((dense > 0).sum(axis=1))  # [users]
+    expected = np.sqrt(dense) * idf[:, None]  # [users, items]
+    got = np.zeros_like(expected)
+    for r in tfidf_weight(train).collect():
+        got[r[tb.USER_IDX], r[tb.ITEM_IDX]] = r[tb.WEIGHT]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    try:
+        from implicit.nearest_neighbours import tfidf_weight as implicit_tfidf
+        from scipy.sparse import csr_matrix
+    except ImportError:
+        pass
+    else:
+        np.testing.assert_allclose(got, implicit_tfidf(csr_matrix(dense.T.astype(float))).T.toarray(), rtol=1e-9)
+    unit = expected / np.linalg.norm(expected, axis=0, keepdims=True)
+    cosine = unit.T @ unit  # [items, items]
+    model = ItemKNNRecommender(ItemKNNParams(weighting="tfidf", neighbours=8)).fit(train)
+    neighbours = model.neighbours.collect()
+    assert len(neighbours) > 0
+    for r in neighbours:
         assert r[tb.SCORE] == pytest.approx(cosine[r[tb.ITEM_IDX], r[SIMILAR_ITEM_IDX]])
 
 

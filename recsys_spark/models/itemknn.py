@@ -1,6 +1,6 @@
 """Item-based k-nearest neighbours on Spark (Sarwar et al. 2001; ``implicit``'s ItemItemRecommender).
 
-Fit: the item-item cosine of the (optionally BM25-weighted) user-item matrix, from a self-join of the
+Fit: the item-item cosine of the (optionally BM25- or TF-IDF-weighted) user-item matrix, from a self-join of the
 interactions on user_idx, keeping each item's ``neighbours`` most similar items. A user with ``h``
 items yields ``h^2`` pairs, so histories longer than ``max_user_items`` enter the similarity with their
 most recent items only (all of them still count at recommend time).
@@ -45,7 +45,8 @@ _LENGTH = "_length"
 
 class ItemKNNParams(Section):
     neighbours: int = Field(100, gt=0, description="most similar items kept per item")
-    weighting: Literal["cosine", "bm25"] = Field("cosine", description="bm25: weight the matrix before cosine")
+    weighting: Literal["cosine", "bm25", "tfidf"] = Field(
+        "cosine", description="bm25 | tfidf: weight the matrix before the cosine; cosine: raw weights")
     shrink: float = Field(0.0, ge=0, description="sim = dot / (|a| |b| + shrink): damps rarely co-seen pairs")
     min_common: int = Field(1, ge=1, description="pairs with fewer users in common are dropped")
     max_user_items: int = Field(500, gt=0, description="history cap for the similarity self-join")
@@ -77,6 +78,30 @@ def bm25_weight(interactions: DataFrame, k1: float, b: float) -> DataFrame:
     )
 
 
+def tfidf_weight(interactions: DataFrame) -> DataFrame:
+    """(user_idx, item_idx, weight) with ``weight`` TF-IDF-weighted, items as documents and users as terms.
+
+    The same as ``implicit``'s ``tfidf_weight`` applied to the item-user matrix (its TFIDFRecommender):
+    ``sqrt(w) * idf(user)`` with ``idf(user) = log(N) - log1p(items of user)``, ``N`` the number of items in
+    ``interactions``: a user who touched many items says little about any two of them being alike, and the
+    square root damps repeated events. Unlike BM25 there is no item-length normalisation (the cosine that
+    follows normalises each item's column anyway).
+    """
+    n_items = interactions.select(tb.ITEM_IDX).distinct().count()
+    idf = interactions.groupBy(tb.USER_IDX).agg(
+        (F.log(F.lit(float(max(n_items, 1)))) - F.log1p(F.count(F.lit(1)))).alias(_IDF)
+    )
+    weighted = F.sqrt(F.col(tb.WEIGHT)) * F.col(_IDF)
+    return interactions.join(idf, tb.USER_IDX).select(tb.USER_IDX, tb.ITEM_IDX, weighted.alias(tb.WEIGHT))
+
+
+WEIGHTINGS = {
+    "cosine": lambda values, p: values,
+    "bm25": lambda values, p: bm25_weight(values, p.bm25_k1, p.bm25_b),
+    "tfidf": lambda values, p: tfidf_weight(values),
+}
+
+
 class ItemKNNRecommender(Recommender):
     """Item-item neighbourhood model; the neighbour table is its whole state besides the histories."""
 
@@ -93,7 +118,7 @@ class ItemKNNRecommender(Recommender):
         history = train.select(F.col(tb.USER_IDX).cast("int"), F.col(tb.ITEM_IDX).cast("int"),
                                F.col(tb.WEIGHT).cast("double"))
         capped = self._capped(train).select(tb.USER_IDX, tb.ITEM_IDX, F.col(tb.WEIGHT).cast("double"))
-        values = bm25_weight(capped, p.bm25_k1, p.bm25_b) if p.weighting == "bm25" else capped
+        values = WEIGHTINGS[p.weighting](capped, p)
         self._set_state(self._similarities(values), history)
 
     def _capped(self, train: DataFrame) -> DataFrame:
