@@ -75,7 +75,7 @@ class Item2VecParams(Section):
     """Hyper-parameters: MLlib Word2Vec's (same names, snake case) and the user vector's recency decay."""
 
     vector_size: int = Field(64, gt=0, description="dimension of the item vectors")
-    window: int = Field(5, gt=0, description="context: items up to this many positions before and after")
+    window: int = Field(20, gt=0, description="context: items up to this many positions before and after")
     min_count: int = Field(2, ge=1, description="items seen fewer times get no vector and are never recommended")
     max_iter: int = Field(10, gt=0, description="passes over the corpus")
     step_size: float = Field(0.025, gt=0, description="initial learning rate (decays linearly to ~0)")
@@ -83,7 +83,7 @@ class Item2VecParams(Section):
     num_partitions: int = Field(1, gt=0, description="partitions trained in parallel (averaged each pass); "
                                 "more is faster and less accurate")
     max_sentence_length: int = Field(1000, gt=0, description="longer histories are cut into sentences of this length")
-    recency_decay: float = Field(0.9, gt=0, le=1, description="w = decay^(items since): 1 = plain mean")
+    recency_decay: float = Field(0.7, gt=0, le=1, description="w = decay^(items since): 1 = plain mean")
 
 
 class Item2VecScorer:
