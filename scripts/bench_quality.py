@@ -99,7 +99,7 @@ DATASETS = {
 # fewer --trials still tries each row's best-known alternative.
 TRIALS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}, {"by": "weight"}, {"window_days": 30}, {"window_days": 7}],
-    "itemknn": [{}, {"weighting": "bm25"}, {"neighbours": 50, "shrink": 10.0}, {"neighbours": 300}],
+    "itemknn": [{}, {"weighting": "bm25"}, {"weighting": "tfidf"}, {"neighbours": 50, "shrink": 10.0}],
     "als": [{}, {"rank": 200}, {"rank": 64, "reg_param": 0.01, "alpha": 1.0}, {"alpha": 5.0, "reg_param": 0.1}],
     "svd": [{}, {"rank": 32}, {"rank": 128}, {"weighting": "bm25"}],
     "ease": [{}, {"reg": 500.0}, {"reg": 50.0}, {"reg": 1000.0}],
@@ -111,6 +111,7 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "gru4rec": [{}, {"net": {"hidden": 200}}, {"train": {"lr": 0.01}}, {"net": {"loss": "bpr-max", "elu_param": 0.5,
                                                                                  "bpreg": 1.0}}],
     "deepfm": [{}, {"net": {"dim": 32}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    "item2vec": [{}, {"recency_decay": 0.5}, {"window": 5, "recency_decay": 0.5}, {"window": 50}],
     # The plain SASRec of scripts/reference_sasrec.py: the same trials as sasrec-ce, in its flat form.
     "reference-sasrec": [{}, {"dropout": 0.5}, {"lr": 0.002}, {"d": 128, "dropout": 0.5}],
     "implicit-als": [{"factors": 64, "regularization": 1.0, "alpha": 1.0, "bm25": False},
@@ -125,9 +126,9 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
 }
 # Registry model behind each row (the sasrec rows differ by loss).
 MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
-RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "ncf", "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm",
-                "reference-sasrec", "implicit-als", "implicit-itemknn"]
-SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce"]
+RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "item2vec", "ncf", "sasrec-ce", "sasrec-bce",
+                "gru4rec", "deepfm", "reference-sasrec", "implicit-als", "implicit-itemknn"]
+SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce", "item2vec"]
 
 
 def merged(base: dict, update: dict) -> dict:

@@ -12,12 +12,12 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import PipelineConfig
-from recsys_spark.data.matrix import tfidf_weight
+from recsys_spark.data.matrix import bm25_weight, tfidf_weight
 from recsys_spark.errors import ConfigError, RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.als import ALSParams, ALSRecommender
 from recsys_spark.models.ease import EASEParams, EASERecommender
-from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender, bm25_weight
+from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender
 from recsys_spark.models.popularity import PopularityParams, PopularityRecommender
 from recsys_spark.models.svd import SVDParams, SVDRecommender
 from recsys_spark.tables import SIMILAR_ITEM_IDX
@@ -279,19 +279,40 @@ def test_svd_factors_reconstruct_a_rank_two_matrix(spark, solver):
     np.testing.assert_allclose(v.T @ v, np.eye(2), atol=1e-5)
 
 
-def test_tfidf_weight_matches_implicit_and_svd_checks_its_rank(spark, blocks):
-    nn = pytest.importorskip("implicit.nearest_neighbours")
-    scipy_sparse = pytest.importorskip("scipy.sparse")
-    rng = np.random.default_rng(4)
-    dense = (rng.random((6, 8)) < 0.5) * rng.integers(1, 4, size=(6, 8)).astype(float)
-    dense[:, 0], dense[0, :] = np.maximum(dense[:, 0], 1), np.maximum(dense[0, :], 1)
-    expected = nn.tfidf_weight(scipy_sparse.csr_matrix(dense.T)).T.toarray()  # items as documents
-    got = np.zeros_like(expected)
-    for r in tfidf_weight(interactions(spark, _dense_rows(dense))).collect():
-        got[r[tb.USER_IDX], r[tb.ITEM_IDX]] = r[tb.WEIGHT]
-    np.testing.assert_allclose(got, expected, rtol=1e-9)
+def test_svd_refuses_a_rank_at_or_above_the_catalogue(blocks):
     with pytest.raises(RecsysError, match="rank 12 must be below the number of train items"):
         SVDRecommender(SVDParams(rank=12)).fit(blocks)
+
+
+def test_itemknn_tfidf_weights_and_neighbours(spark):
+    """TF-IDF on the item-user matrix: sqrt(w) * (log(N items) - log1p(items of the user)), then the cosine;
+    the same numbers as implicit's tfidf_weight when implicit is installed."""
+    rng = np.random.default_rng(5)
+    dense = (rng.random((5, 7)) < 0.5) * rng.integers(1, 5, size=(5, 7))
+    dense[:, 0] = np.maximum(dense[:, 0], 1)  # every user and item has an interaction
+    dense[0, :] = np.maximum(dense[0, :], 1)
+    users, items = np.nonzero(dense)
+    train = interactions(spark, [(int(u), int(i), float(dense[u, i])) for u, i in zip(users, items, strict=True)])
+    idf = np.log(dense.shape[1]) - np.log1p((dense > 0).sum(axis=1))  # [users]
+    expected = np.sqrt(dense) * idf[:, None]  # [users, items]
+    got = np.zeros_like(expected)
+    for r in tfidf_weight(train).collect():
+        got[r[tb.USER_IDX], r[tb.ITEM_IDX]] = r[tb.WEIGHT]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    try:
+        from implicit.nearest_neighbours import tfidf_weight as implicit_tfidf
+        from scipy.sparse import csr_matrix
+    except ImportError:
+        pass
+    else:
+        np.testing.assert_allclose(got, implicit_tfidf(csr_matrix(dense.T.astype(float))).T.toarray(), rtol=1e-9)
+    unit = expected / np.linalg.norm(expected, axis=0, keepdims=True)
+    cosine = unit.T @ unit  # [items, items]
+    model = ItemKNNRecommender(ItemKNNParams(weighting="tfidf", neighbours=8)).fit(train)
+    neighbours = model.neighbours.collect()
+    assert len(neighbours) > 0
+    for r in neighbours:
+        assert r[tb.SCORE] == pytest.approx(cosine[r[tb.ITEM_IDX], r[SIMILAR_ITEM_IDX]])
 
 
 # --- registry ------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ def _histories(train: DataFrame) -> DataFrame:
     return train.groupBy(tb.USER_IDX).agg(F.transform(ordered, lambda p: p[tb.ITEM_IDX]).alias(_ITEMS))
 
 
+def user_histories(train: DataFrame) -> DataFrame:
+    """(user_idx, items array<int>): each user's whole train history in time order (first interaction;
+    ties in id order), unpadded: the "sentences" of item2vec."""
+    return _histories(train).select(tb.USER_IDX, F.col(_ITEMS).cast("array<int>").alias(tb.ITEMS))
+
+
 def user_windows(train: DataFrame, max_length: int) -> DataFrame:
     """Every transition of each user's train history as training rows: :func:`windows` of the
     time-ordered history (first interaction; ties in id order). Columns: user_idx, items, length."""

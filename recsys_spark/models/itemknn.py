@@ -1,6 +1,6 @@
 """Item-based k-nearest neighbours on Spark (Sarwar et al. 2001; ``implicit``'s ItemItemRecommender).
 
-Fit: the item-item cosine of the (optionally BM25-weighted) user-item matrix, from a self-join of the
+Fit: the item-item cosine of the (optionally BM25- or TF-IDF-weighted) user-item matrix, from a self-join of the
 interactions on user_idx, keeping each item's ``neighbours`` most similar items. A user with ``h``
 items yields ``h^2`` pairs, so histories longer than ``max_user_items`` enter the similarity with their
 most recent items only (all of them still count at recommend time).
@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
-from recsys_spark.data.matrix import bm25_weight
+from recsys_spark.data.matrix import bm25_weight, tfidf_weight
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.tables import SIMILAR_ITEM_IDX
@@ -44,12 +44,20 @@ _SIM = "_sim"
 
 class ItemKNNParams(Section):
     neighbours: int = Field(100, gt=0, description="most similar items kept per item")
-    weighting: Literal["cosine", "bm25"] = Field("cosine", description="bm25: weight the matrix before cosine")
+    weighting: Literal["cosine", "bm25", "tfidf"] = Field(
+        "cosine", description="bm25 | tfidf: weight the matrix before the cosine; cosine: raw weights")
     shrink: float = Field(0.0, ge=0, description="sim = dot / (|a| |b| + shrink): damps rarely co-seen pairs")
     min_common: int = Field(1, ge=1, description="pairs with fewer users in common are dropped")
     max_user_items: int = Field(500, gt=0, description="history cap for the similarity self-join")
     bm25_k1: float = Field(1.2, ge=0)
     bm25_b: float = Field(0.75, ge=0, le=1)
+
+
+WEIGHTINGS = {
+    "cosine": lambda values, p: values,
+    "bm25": lambda values, p: bm25_weight(values, p.bm25_k1, p.bm25_b),
+    "tfidf": lambda values, p: tfidf_weight(values),
+}
 
 
 class ItemKNNRecommender(Recommender):
@@ -68,7 +76,7 @@ class ItemKNNRecommender(Recommender):
         history = train.select(F.col(tb.USER_IDX).cast("int"), F.col(tb.ITEM_IDX).cast("int"),
                                F.col(tb.WEIGHT).cast("double"))
         capped = self._capped(train).select(tb.USER_IDX, tb.ITEM_IDX, F.col(tb.WEIGHT).cast("double"))
-        values = bm25_weight(capped, p.bm25_k1, p.bm25_b) if p.weighting == "bm25" else capped
+        values = WEIGHTINGS[p.weighting](capped, p)
         self._set_state(self._similarities(values), history)
 
     def _capped(self, train: DataFrame) -> DataFrame:

@@ -46,6 +46,7 @@ MODELS: dict[str, Entry] = {
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
+    "item2vec": Entry("recsys_spark.models.item2vec:Item2VecRecommender"),
 }
 
 
