@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, help="torch models: number of training ranks")
     p.add_argument("--resume", action="store_true", help="torch models: continue from the last checkpoint")
     p.add_argument("--refit-every-days", type=int, metavar="N",
-                   help="models that fold in new users (als): keep a saved model of the N-1 days before the "
-                        "run date instead of refitting; `recommend --fold-in` serves the new users meanwhile")
+                   help="models that fold in new users (registry fold_in): keep a saved model of the N-1 days "
+                        "before the run date instead of refitting; `recommend --fold-in` serves new users meanwhile")
 
     p = add("recommend", "top-k per user into gold/recommendations (train items filtered out)")
     p.add_argument("--model", required=True)
@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users-file", help="file with one user id per line")
     p.add_argument("--exclude-items", help="comma-separated item ids never to recommend")
     p.add_argument("--fold-in", action="store_true",
-                   help="models that fold in new users (als): use the latest saved model on or before the run "
-                        "date and fold in the users of the run's silver/train it never saw")
+                   help="models that fold in new users (registry fold_in): use the latest saved model on or before "
+                        "the run date and fold in the users of the run's silver/train it never saw")
 
     p = add("similar-items", "item-to-item top-k into gold/similar_items")
     p.add_argument("--model", required=True)

@@ -64,7 +64,7 @@ error. Defaults come from the repository's conf files.
     ``false`` leaves out the maintain task, e.g. where another schedule maintains the warehouse
     (default ``true``)
 ``refit_every_days``
-    the cheap path for models that fold in new users (the registry's ``fold_in``: ALS): their train task
+    the cheap path for models that fold in new users (``fold_in`` in the model registry): their train task
     refits only when the newest saved model is this many days old or more (``train --refit-every-days``:
     the first day, and after a gap, it refits), and their recommend task folds the users that model never
     saw into it (``recommend --fold-in``). Default ``7``: fold-in daily, a full refit weekly; ``1`` refits
