@@ -31,7 +31,7 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
-from recsys_spark.scoring import collect_factors, positions, top_k_from_factors
+from recsys_spark.scoring import collect_factors, top_k_from_factors
 from recsys_spark.tables import EMBEDDING, require_columns
 
 log = logging.getLogger(__name__)
@@ -200,9 +200,10 @@ class ALSRecommender(Recommender):
                 users, vectors = [], []
                 for user, items, weights in zip(batch[tb.USER_IDX], batch[_ITEMS], batch[_WEIGHTS], strict=True):
                     items = np.asarray(items, dtype=np.int64)
-                    known = np.isin(items, ids)
+                    at = np.minimum(np.searchsorted(ids, items), len(ids) - 1)  # ids are sorted
+                    known = ids[at] == items  # items the model has factors for
                     r = np.asarray(weights, dtype=np.float32)[known].astype(np.float64)  # MLlib's ratings are floats
-                    y_u = y[positions(ids, items[known])]  # (n_u, rank), rows in the order of r
+                    y_u = y[at[known]]  # (n_u, rank), rows in the order of r
                     n_positive = int((r > 0).sum())
                     if n_positive == 0:
                         continue
