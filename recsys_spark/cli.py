@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["horovod", "torch", "local"], help="torch models: how ranks launch")
     p.add_argument("--num-proc", type=int, help="torch models: number of training ranks")
     p.add_argument("--resume", action="store_true", help="torch models: continue from the last checkpoint")
+    p.add_argument("--refit-every-days", type=int, metavar="N",
+                   help="models that fold in new users (registry fold_in): keep a saved model of the N-1 days "
+                        "before the run date instead of refitting; `recommend --fold-in` serves new users meanwhile")
 
     p = add("recommend", "top-k per user into gold/recommendations (train items filtered out)")
     p.add_argument("--model", required=True)
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", help="comma-separated user ids (default: every user)")
     p.add_argument("--users-file", help="file with one user id per line")
     p.add_argument("--exclude-items", help="comma-separated item ids never to recommend")
+    p.add_argument("--fold-in", action="store_true",
+                   help="models that fold in new users (registry fold_in): use the latest saved model on or before "
+                        "the run date and fold in the users of the run's silver/train it never saw")
 
     p = add("similar-items", "item-to-item top-k into gold/similar_items")
     p.add_argument("--model", required=True)
@@ -218,7 +224,15 @@ def cmd_features(args, config) -> dict[str, Any]:
 
 def cmd_train(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
+    from recsys_spark import tables as tb
 
+    if args.refit_every_days is not None:  # decided before Spark starts: a day that keeps its model is cheap
+        run = _run(args, config)
+        kept = pipeline.kept_model_date(config, args.model, run, args.refit_every_days)
+        if kept is not None:
+            print(f"kept the {args.model} model of {kept} (refit every {args.refit_every_days} days); not refitted")
+            return {"model": args.model, "kept": kept.isoformat(),
+                    "path": tb.model_dir(config.warehouse, args.model, kept)}
     result = pipeline.run_train(_spark("train"), config, args.model, _run(args, config))
     print(f"trained {args.model}; saved to {result['path']}")
     return result
@@ -227,10 +241,15 @@ def cmd_train(args, config) -> dict[str, Any]:
 def cmd_recommend(args, config) -> dict[str, Any]:
     from recsys_spark import pipeline
 
+    if args.fold_in:
+        registry.require_fold_in(args.model)  # before Spark starts
     result = pipeline.run_recommend(
         _spark("recommend"), config, args.model, _run(args, config), k=args.k,
         user_ids=_id_list(args.users, args.users_file), exclude_item_ids=_id_list(args.exclude_items),
+        fold_in=args.fold_in,
     )
+    if args.fold_in:
+        print(f"folded {result['folded_in']:,} new users into the {args.model} model of {result['model_date']}")
     print(f"wrote {result['rows_out']:,} recommendations of {args.model} to gold/recommendations")
     return result
 

@@ -27,7 +27,7 @@ from recsys_spark.evaluate import probe as pr
 from recsys_spark.evaluate.ranking import evaluate, format_table, summary_columns, with_run_info
 from recsys_spark.evaluate.sessions import BASELINES, N_QUERIES, SessionScorer, evaluate_sessions
 from recsys_spark.models import registry
-from recsys_spark.models.base import Recommender
+from recsys_spark.models.base import META_FILE, Recommender
 from recsys_spark.recommend import recommend_with_fallback, to_original_ids
 from recsys_spark.tracking import Tracker
 
@@ -231,19 +231,86 @@ def _load_model(spark: SparkSession, config: PipelineConfig, model_name: str, ru
     return _attach(registry.load(model_name, spark, path), config, run)
 
 
+def saved_model_dates(warehouse: str, model_name: str) -> list[dt.date]:
+    """The run dates with a complete saved model of ``model_name`` (its ``model.json`` there) under
+    ``<warehouse>/models/<model>/``, ascending. Models are written with plain file IO, so this lists a
+    local (or ``file://``) directory; on another URI it says it cannot."""
+    root = os.path.dirname(tb.model_dir(warehouse, model_name, dt.date.min)).removeprefix("file://")
+    if "://" in root:
+        raise RecsysError(f"cannot list the saved models under {root}: models live on a file system path")
+    dates = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        try:
+            day = dt.date.fromisoformat(name)
+        except ValueError:
+            continue
+        if os.path.exists(os.path.join(root, name, META_FILE)):  # a save killed half-way has none
+            dates.append(day)
+    return sorted(dates)
+
+
+def latest_model_date(warehouse: str, model_name: str, run_date: dt.date) -> dt.date | None:
+    """The run date of the newest complete saved model of ``model_name`` on or before ``run_date`` (a
+    backfill never uses a model fitted on later data), or None."""
+    return max((d for d in saved_model_dates(warehouse, model_name) if d <= run_date), default=None)
+
+
+def kept_model_date(config: PipelineConfig, model_name: str, run: Run, refit_every_days: int) -> dt.date | None:
+    """The cadence of ``train --refit-every-days N``: the date of the saved model this run keeps instead of
+    refitting, or None when it must refit. It keeps the newest complete model of the ``N - 1`` days before
+    the run date; with none (the first run, a gap, a save that never finished) it refits, and a model of
+    the run date itself is refitted, as a re-run of train always does. Only models that fold in new users
+    may skip refits: the days in between, ``recommend --fold-in`` serves the users the kept model never saw.
+    """
+    if refit_every_days < 1:
+        raise RecsysError(f"refit every N days needs N >= 1, got {refit_every_days}")
+    registry.require_fold_in(model_name, "skipping refits")
+    latest = latest_model_date(config.warehouse, model_name, run.run_date - dt.timedelta(days=1))
+    if latest is None or (run.run_date - latest).days >= refit_every_days:
+        return None
+    return latest
+
+
+def _load_latest_model(spark: SparkSession, config: PipelineConfig, model_name: str,
+                       run: Run) -> tuple[Recommender, dt.date]:
+    """The newest saved model on or before the run date, and its date; a clear error when there is none."""
+    day = latest_model_date(config.warehouse, model_name, run.run_date)
+    if day is None:
+        root = os.path.dirname(tb.model_dir(config.warehouse, model_name, run.run_date))
+        raise RecsysError(f"no saved {model_name} model on or before {run.run_date} under {root}: "
+                          f"run `recsys-spark train --model {model_name}` first")
+    path = tb.model_dir(config.warehouse, model_name, day)
+    log.info("%s: folding in with the model of %s (%s)", model_name, day, path)
+    return _attach(registry.load(model_name, spark, path), config, run), day
+
+
 def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,
                   k: int | None = None, user_ids: list[str] | None = None,
-                  exclude_item_ids: list[str] | None = None) -> dict[str, Any]:
+                  exclude_item_ids: list[str] | None = None, fold_in: bool = False) -> dict[str, Any]:
     """Top-k for every user (or ``user_ids``) into gold/recommendations, train items filtered out.
 
     Users the model cannot score get the popularity model's top-k. A re-run for the same run date and
     model replaces exactly its own rows in one commit.
+
+    ``fold_in``: use the newest saved model on or before the run date (not only the run date's own),
+    and first fold in the users of this run's silver/train (the run's split) that its fit never saw,
+    from their train rows. Why silver/train and not silver/interactions: it is what a refit of the day
+    would train on, and the evaluation's test rows stay out of the factors as they do for a fit. Users
+    the model knew keep their learnt factors; users without a positive row on a known item get the
+    fallback like any user the model cannot score.
     """
     k = k or config.recommend.k
     wh = config.warehouse
-    model = _load_model(spark, config, model_name, run)
+    if fold_in:
+        registry.require_fold_in(model_name)
+        model, model_date = _load_latest_model(spark, config, model_name, run)
+    else:
+        model, model_date = _load_model(spark, config, model_name, run), run.run_date
     train = _split(spark, config, tb.TRAIN, run.split)
     seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
+    folded = model.fold_in_users(train.select(tb.USER_IDX, tb.ITEM_IDX, tb.WEIGHT)).count() if fold_in else 0
+    if fold_in:
+        log.info("%s: folded in %d users the model of %s never saw", model_name, folded, model_date)
     users_index, items_index = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
     users = users_index
     if user_ids:
@@ -262,7 +329,8 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     )
     tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name), GOLD_PARTITIONS)
     n = tb.read(spark, wh, tb.RECOMMENDATIONS).filter(run.where(model_name)).count()
-    return {"model": model_name, "rows_out": n}
+    out = {"model": model_name, "rows_out": n}
+    return {**out, "model_date": model_date.isoformat(), "folded_in": folded} if fold_in else out
 
 
 def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run,

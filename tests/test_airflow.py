@@ -232,6 +232,22 @@ def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(airflow):
     assert "sasrec" in " ".join(dag["import_errors"].values())
 
 
+def test_als_folds_in_daily_and_refits_every_n_days(airflow):
+    """The cheap path for a model that folds in new users (ALS): its train task refits only when the
+    newest saved model is `refit_every_days` old (decided by the job, so the first day refits) and its
+    recommend task folds new users in; other models are unchanged, and 1 restores the daily refit."""
+    tasks = airflow.dag()["tasks"]
+    assert tasks["train_als"]["args"][:4] == ["--model", "als", "--refit-every-days", "7"]
+    assert tasks["recommend_als"]["args"][:3] == ["--model", "als", "--fold-in"]
+    assert tasks["train_popularity"]["args"][:2] == ["--model", "popularity"]
+    plain = [a for t in ("train_popularity", "recommend_popularity") for a in tasks[t]["args"]]
+    assert "--fold-in" not in plain and "--refit-every-days" not in plain
+    daily = airflow.dag(settings={**airflow.settings, "refit_every_days": 1})["tasks"]
+    assert "--refit-every-days" not in daily["train_als"]["args"] and "--fold-in" not in daily["recommend_als"]["args"]
+    bad = airflow.dag(settings={**airflow.settings, "refit_every_days": 0})
+    assert bad["tasks"] == {} and "refit_every_days" in " ".join(bad["import_errors"].values())
+
+
 class KillFirstWrite(threading.Thread):
     """Kills the spark-submit of ``recommend --model <model>`` (its JVM and Python driver, SIGKILL) the
     moment the task's first data file appears under the day's partition of gold/recommendations: a task

@@ -88,6 +88,12 @@ class Recommender(ABC):
         """(item_idx, embedding array<float>) for models that learn item embeddings."""
         return None
 
+    def fold_in_users(self, interactions: DataFrame) -> DataFrame:
+        """Give the users of ``interactions`` (user_idx, item_idx, weight) that the fit never saw what the
+        model needs to score them, without a refit; ``recommend`` and ``known_users`` then include them.
+        Returns their (user_idx, embedding). Only models whose registry entry says ``fold_in`` can."""
+        raise RecsysError(f"model {self.name} cannot fold in users it was not fitted on")
+
     def fit_session_scorer(self, sessions: DataFrame, n_items: int):
         """Train on ``silver/sessions`` rows (session_id, user_idx, item_idx, position) and return a
         next-item scorer of ``recsys_spark.evaluate.sessions`` over ``n_items`` items, or None when the

@@ -7,7 +7,10 @@ pipeline and the Airflow DAG must run first:
 - ``features``: it reads ``silver/user_features`` and ``silver/item_features``, so the ``features`` step
   runs before it trains;
 - ``reranks``: the name of its hyper-parameter that may name another model whose rows of
-  ``gold/recommendations`` it re-ranks, so that model recommends first.
+  ``gold/recommendations`` it re-ranks, so that model recommends first;
+- ``fold_in``: it can give users its fit never saw factors without a refit (``fold_in_users``), so
+  ``recommend --fold-in`` serves new users from the latest saved model, and the DAG may refit it only
+  every ``refit_every_days`` days and fold in between.
 
 This module imports nothing heavier than the configuration: the DAG reads it in Airflow's own
 environment, which has neither Spark nor torch.
@@ -34,12 +37,13 @@ class Entry:
     target: str
     features: bool = False
     reranks: str | None = None
+    fold_in: bool = False
 
 
 MODELS: dict[str, Entry] = {
     "popularity": Entry("recsys_spark.models.popularity:PopularityRecommender"),
     "itemknn": Entry("recsys_spark.models.itemknn:ItemKNNRecommender"),
-    "als": Entry("recsys_spark.models.als:ALSRecommender"),
+    "als": Entry("recsys_spark.models.als:ALSRecommender", fold_in=True),
     "svd": Entry("recsys_spark.models.svd:SVDRecommender"),
     "ease": Entry("recsys_spark.models.ease:EASERecommender"),
     "ncf": Entry("recsys_spark.models.ncf:NCFRecommender"),
@@ -102,6 +106,18 @@ def load(name: str, spark: Any, path: str) -> Recommender:
 def need_features(models: Iterable[str]) -> list[str]:
     """The models among ``models`` that read the feature tables."""
     return [name for name in models if entry(name).features]
+
+
+def can_fold_in(models: Iterable[str]) -> list[str]:
+    """The models among ``models`` that fold in users their fit never saw."""
+    return [name for name in models if entry(name).fold_in]
+
+
+def require_fold_in(name: str, why: str = "--fold-in") -> None:
+    """A one-line error unless ``name`` folds in new users (``why``: what asked for it)."""
+    if not entry(name).fold_in:
+        raise RecsysError(f"model {name} cannot fold in users it was not fitted on, which {why} needs; "
+                          f"models that can: {can_fold_in(MODELS)}")
 
 
 def upstream(name: str, params: Mapping[str, Any]) -> str | None:

@@ -63,6 +63,12 @@ error. Defaults come from the repository's conf files.
 ``maintain``
     ``false`` leaves out the maintain task, e.g. where another schedule maintains the warehouse
     (default ``true``)
+``refit_every_days``
+    the cheap path for models that fold in new users (``fold_in`` in the model registry): their train task
+    refits only when the newest saved model is this many days old or more (``train --refit-every-days``:
+    the first day, and after a gap, it refits), and their recommend task folds the users that model never
+    saw into it (``recommend --fold-in``). Default ``7``: fold-in daily, a full refit weekly; ``1`` refits
+    every day with a plain recommend, as every other model does
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ KEYS = frozenset({
     "repo", "config", "models", "warehouse", "input", "preset", "format", "sep", "overrides",
     "spark_conn_id", "py_files", "archives", "jars", "packages", "python", "spark_conf", "properties_file", "env_vars",
     "pool", "retries", "retry_delay_minutes", "max_retry_delay_minutes", "timeout_hours", "schedule", "start_date",
-    "maintain",
+    "maintain", "refit_every_days",
 })
 RUN_DATE = "{{ ds }}"
 
@@ -149,6 +155,10 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
     maintain = given.get("maintain", True)
     if not isinstance(maintain, bool):
         raise ValueError(f"`maintain` in Variable {VARIABLE} must be true or false, got {maintain!r}")
+    refit_every_days = given.get("refit_every_days", 7)
+    if not isinstance(refit_every_days, int) or isinstance(refit_every_days, bool) or refit_every_days < 1:
+        raise ValueError(f"`refit_every_days` in Variable {VARIABLE} must be a whole number >= 1, "
+                         f"got {refit_every_days!r}")
     jars = given.get("jars", _cached_delta_jars())
     jars = ",".join(_names(jars))
     return {
@@ -177,6 +187,7 @@ def load_settings(given: dict[str, Any] | None = None) -> dict[str, Any]:
         "schedule": given.get("schedule") or "@daily",
         "start_date": datetime.fromisoformat(str(given.get("start_date") or "2026-01-01")).replace(tzinfo=UTC),
         "maintain": maintain,
+        "refit_every_days": refit_every_days,
     }
 
 
@@ -184,10 +195,8 @@ def model_plan(s: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """(the models that need the features task, {model: the model whose recommendations it re-ranks}),
     from the library's registry and the models' hyper-parameters (the config's conf/models/*.yaml with
     the ``overrides``). A re-ranked model must be among the DAG's models."""
-    if s["repo"] not in sys.path:
-        sys.path.insert(0, s["repo"])
+    registry = _registry(s)
     from recsys_spark.config import load_config
-    from recsys_spark.models import registry
 
     params = load_config(s["config"] if os.path.isfile(s["config"]) else None, s["overrides"]).model_params
     upstream = {m: registry.upstream(m, params.get(m, {})) for m in s["models"]}
@@ -195,6 +204,28 @@ def model_plan(s: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         if other is not None and other not in s["models"]:
             raise ValueError(f"{model} re-ranks {other!r}, which is not among the models {s['models']}")
     return registry.need_features(s["models"]), {m: other for m, other in upstream.items() if other}
+
+
+def _registry(s: dict[str, Any]):
+    """The library's model registry, from the repo (it imports neither Spark nor torch)."""
+    if s["repo"] not in sys.path:
+        sys.path.insert(0, s["repo"])
+    from recsys_spark.models import registry
+
+    return registry
+
+
+def model_steps(s: dict[str, Any], model: str) -> tuple[list[str], list[str]]:
+    """The model-specific arguments of ``model``'s (train, recommend) tasks: ``--model`` alone, and for a
+    model that folds in new users, when ``refit_every_days`` > 1, the cheap path: train refits only when
+    its newest saved model is that old (``--refit-every-days``), recommend folds new users into the newest
+    model (``--fold-in``). Both decide at run time, from the saved models, so the first day, a gap or a
+    backfill refits; the DAG's shape is the same every day."""
+    train, recommend = ["--model", model], ["--model", model]
+    if s["refit_every_days"] > 1 and _registry(s).entry(model).fold_in:
+        train += ["--refit-every-days", str(s["refit_every_days"])]
+        recommend += ["--fold-in"]
+    return train, recommend
 
 
 def _job_args(s: dict[str, Any]) -> list[str]:
@@ -264,9 +295,10 @@ def build_dag(s: dict[str, Any]) -> DAG:
         per_model = {"pool": s["pool"]} if s["pool"] else {}
         recommends = {}
         for model in s["models"]:
-            train = _submit(f"train_{model}", job.format("train"), ["--model", model, *common], s, **per_model)
+            train_args, recommend_args = model_steps(s, model)
+            train = _submit(f"train_{model}", job.format("train"), [*train_args, *common], s, **per_model)
             recommends[model] = _submit(
-                f"recommend_{model}", job.format("recommend"), ["--model", model, *common], s, **per_model)
+                f"recommend_{model}", job.format("recommend"), [*recommend_args, *common], s, **per_model)
             interactions >> train >> recommends[model] >> evaluate
             if model in need_features:
                 features >> train
