@@ -46,11 +46,11 @@ MODELS: dict[str, Entry] = {
     "als": Entry("recsys_spark.models.als:ALSRecommender", fold_in=True),
     "svd": Entry("recsys_spark.models.svd:SVDRecommender"),
     "ease": Entry("recsys_spark.models.ease:EASERecommender"),
+    "item2vec": Entry("recsys_spark.models.item2vec:Item2VecRecommender"),
     "ncf": Entry("recsys_spark.models.ncf:NCFRecommender"),
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
-    "item2vec": Entry("recsys_spark.models.item2vec:Item2VecRecommender"),
 }
 
 
