@@ -58,10 +58,10 @@ def synthetic(spark, n_users: int, n_items: int, per_user: int, seed: int = 0):
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     popularity /= popularity.sum()
     draws = rng.choice(n_items, size=(n_users, per_user * 2), p=popularity)
-    draws[:, 0] = np.arange(n_users) % n_items  # every item has a user: the catalogue is n_items
     users, items = [], []
     for u in range(n_users):
-        chosen = np.unique(draws[u])[:per_user]
+        forced = u % n_items  # every item has a user: the catalogue is n_items
+        chosen = np.append(np.setdiff1d(draws[u], [forced])[:per_user - 1], forced)
         users.append(np.full(chosen.size, u, np.int32))
         items.append(chosen.astype(np.int32))
     frame = pd.DataFrame({tb.USER_IDX: np.concatenate(users), tb.ITEM_IDX: np.concatenate(items), tb.WEIGHT: 1.0})
