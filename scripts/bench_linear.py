@@ -3,9 +3,8 @@
 Three parts (``--parts``, default all):
 
 - ``svd``: PureSVD's two solvers, MLlib's ``RowMatrix.computeSVD`` (ARPACK) and the randomized subspace
-  iteration on the executors, at the same rank on MovieLens 100K and on a synthetic 20k users x 5k
-  items: fit seconds and how far the randomized singular values are from ARPACK's. The faster one with
-  the values within 1% is the configured default (conf/models/svd.yaml).
+  iteration on the executors, at the same rank on MovieLens 100K and on a synthetic 20k users: fit
+  seconds and how far the randomized singular values are from ARPACK's (the default: svd.py says why).
 - ``ease``: EASE's Gram ``X^T X`` on Spark and its inversion on the driver at 2k, 5k, 10k and 20k items
   (synthetic, 10 users per item, 20 items per user, popularity skewed): seconds of each, and the peak of
   the driver's numpy memory during the inversion (tracemalloc sees numpy's buffers). This is what
@@ -61,7 +60,8 @@ def synthetic(spark, n_users: int, n_items: int, per_user: int, seed: int = 0):
     draws = rng.choice(n_items, size=(n_users, per_user * 2), p=popularity)
     users, items = [], []
     for u in range(n_users):
-        chosen = np.unique(draws[u])[:per_user]
+        forced = u % n_items  # every item has a user: the catalogue is n_items
+        chosen = np.append(np.setdiff1d(draws[u], [forced])[:per_user - 1], forced)
         users.append(np.full(chosen.size, u, np.int32))
         items.append(chosen.astype(np.int32))
     frame = pd.DataFrame({tb.USER_IDX: np.concatenate(users), tb.ITEM_IDX: np.concatenate(items), tb.WEIGHT: 1.0})

@@ -47,7 +47,7 @@ HISTORY_DIR = "history"
 class EASEParams(Section):
     """Hyper-parameters; conf/models/ease.yaml says how the defaults were chosen."""
 
-    reg: float = Field(200.0, gt=0, description="lambda, the L2 penalty on B (added to the Gram's diagonal)")
+    reg: float = Field(300.0, gt=0, description="lambda, the L2 penalty on B (added to the Gram's diagonal)")
     max_items: int = Field(20000, gt=0, description="largest catalogue inverted on the driver (dense items^2)")
 
 
