@@ -11,8 +11,9 @@ best reconstructs ``X`` from ``X B`` with a zero diagonal (no item may predict i
 Where it runs: ``X^T X`` on the executors (a sparse ``X_p^T X_p`` per partition of user rows, summed by
 a tree reduction, ``recsys_spark.data.matrix.gram``); the inversion on the driver in float64, because
 ``P`` is a dense (items x items) matrix that no partitioning shrinks. That holds ``G``, its inverse
-and ``B`` on the driver, about 20 n^2 bytes, and n^3 flops: a catalogue above ``max_items`` is refused
-with an error naming the count (scripts/bench_linear.py measures the time and memory up to 20k items).
+and ``B`` on the driver: 12 n^2 bytes (``P`` in float64, in place of the Gram, and ``B`` in float32) and
+n^3 flops. At 20k items that measured 4.5 GiB and 262 s on 2 busy cores (scripts/bench_linear.py), so a
+catalogue above ``max_items`` (20000) is refused with an error naming the count.
 ``B`` is kept in float32 and broadcast to the executors, which score blocks of users as ``X_u B``
 (``scoring.top_k_from_scores``).
 """
@@ -106,7 +107,7 @@ class EASERecommender(Recommender):
         if n > p.max_items:
             raise RecsysError(f"EASE inverts a dense items x items matrix on the driver: the train rows hold {n} "
                               f"items, above max_items={p.max_items} (raise model_params.ease.max_items if the "
-                              f"driver has ~{20 * n * n / 2**30:.1f} GiB, or use svd or als)")
+                              f"driver has ~{12 * n * n / 2**30:.1f} GiB, or use svd or als)")
         started = time.perf_counter()
         rows = user_rows(history, item_ids)
         g = gram(sparse_blocks(rows, n), n)  # (n, n) float64: X^T X
