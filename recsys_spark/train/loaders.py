@@ -103,8 +103,11 @@ def load_shard(converter: SparkDatasetConverter, rank: int, size: int, columns: 
     """Read shard ``rank`` of ``size`` once into CPU tensors, one per column.
 
     Uses Petastorm's batch reader (whole row groups as numpy columns): several times faster than the
-    per-row ``make_torch_dataloader`` path (scripts/bench_loader.py). Row groups are read in file order,
-    so the result is the same on every call. Fixed-length array columns arrive as 2-D tensors.
+    per-row ``make_torch_dataloader`` path (scripts/bench_loader.py). The result is the same on every
+    call, so a run resumed from a checkpoint (or repeated) trains on the same batches: the files are
+    taken in name order (the converter lists them in directory order) and read by one worker (with two,
+    row groups arrive in whichever order the threads finish them; seen changing from read to read).
+    Fixed-length array columns arrive as 2-D tensors.
     """
     import numpy as np
     import torch
@@ -116,13 +119,13 @@ def load_shard(converter: SparkDatasetConverter, rank: int, size: int, columns: 
         from petastorm import make_batch_reader
 
         reader = make_batch_reader(
-            converter.file_urls,
+            sorted(converter.file_urls),
             schema_fields=[re.escape(name) for name in columns],
             cur_shard=rank,
             shard_count=size,
             num_epochs=1,
             shuffle_row_groups=False,
-            workers_count=2,
+            workers_count=1,
         )
         with reader:
             for group in reader:
