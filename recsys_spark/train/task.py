@@ -8,8 +8,10 @@ data only (params, counts, numpy arrays), so they pickle to the ranks; the devic
 ``loss`` follows the batch, ``validate`` the model's parameters.
 
 Negatives are drawn from a per-device ``torch.Generator``. Its seed comes from ``seed_negatives(seed)``
-when the caller fixes it, else from the task's seed and ``torch.initial_seed()``, which the distributed
-launcher sets per rank, so ranks draw different negatives and a seeded run repeats.
+when the caller fixes it, else from the task's seed and ``torch.initial_seed()``, which the trainer sets
+per rank and epoch: so ranks draw different negatives, a seeded run repeats, and a run resumed from a
+checkpoint draws in each later epoch exactly the negatives the uninterrupted run drew (the generator
+starts afresh when the global seed changes, rather than carrying one stream across epochs).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class SampledTask:
         self.item_counts = None if item_counts is None else np.asarray(item_counts, dtype=np.float64)
         self.exponent = exponent
         self._negative_seed: int | None = None
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, tuple[int, torch.Generator]] = {}  # device -> (seed, generator)
         self._probs: dict[torch.device, Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -118,12 +120,12 @@ class SampledTask:
 
     def generator(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
-        if device not in self._generators:
-            seed = self._negative_seed
-            if seed is None:
-                seed = int(np.random.SeedSequence([self.seed, torch.initial_seed()]).generate_state(1)[0])
-            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
-        return self._generators[device]
+        seed = self._negative_seed
+        if seed is None:
+            seed = int(np.random.SeedSequence([self.seed, torch.initial_seed()]).generate_state(1)[0])
+        if self._generators.get(device, (None,))[0] != seed:
+            self._generators[device] = (seed, torch.Generator(device=device).manual_seed(seed))
+        return self._generators[device][1]
 
     def probs(self, device: torch.device) -> Tensor:
         """Popularity sampling distribution [n_items] (``negatives.popularity_probs``) on ``device``."""
