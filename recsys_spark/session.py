@@ -28,7 +28,9 @@ def delta_jars(jars_dir: str | None = None) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "delta-*.jar")))
 
 
-def _defaults(local: bool) -> dict[str, str]:
+def defaults(local: bool) -> dict[str, str]:
+    """The settings ``get_spark`` gives a session where nothing else set them (``local``: no spark-submit and
+    no master given, so also the embedded master, memory and partition counts)."""
     cores = os.cpu_count() or 2
     conf = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -85,7 +87,7 @@ def get_spark(app_name: str = "recsys-spark", extra_conf: dict[str, str] | None 
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no interface guessing on a laptop
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers use this venv, not PATH's python
     builder = SparkSession.builder.appName(app_name)
-    for key, value in _defaults(local).items():
+    for key, value in defaults(local).items():
         if not existing.contains(key):
             builder = builder.config(key, value)
     for key, value in (extra_conf or {}).items():

@@ -205,6 +205,68 @@ def test_a_train_job_killed_at_any_moment_never_leaves_a_model_that_loads_half_s
     assert recommendations() == clean
 
 
+def test_a_torch_train_job_killed_mid_training_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(
+        spark, world, tmp_path):
+    """``train`` of a torch model (NCF, one local process) SIGKILLed, process group and JVM, once it has
+    checkpointed two epochs: it leaves no model that loads, and ``train --resume`` continues from the last
+    whole checkpoint and ends with exactly the weights and per-epoch losses of the same training run
+    uninterrupted (the trainer reseeds every epoch from (seed, rank, epoch))."""
+    import signal
+    import time
+
+    import torch
+    from conftest import WORLD_SETTINGS
+
+    from recsys_spark import pipeline as pipeline_steps
+    from recsys_spark import session
+    from recsys_spark import tables as tb
+    from recsys_spark.config import load_config
+    from recsys_spark.errors import RecsysError
+    from recsys_spark.models import registry
+    from recsys_spark.train import checkpoint as ckpt
+
+    ncf = ["backend=local", "validation_users=0", "train.epochs=12", "train.batch_size=32", "train.progress=false",
+           "net.mf_dim=4", "net.mlp_layers=[8,4]"]
+    settings = [f"model_params.ncf.{s}" for s in ncf]
+    run_date = world.run.run_date
+
+    # The uninterrupted run, in this (already warm) session: the same code the job runs, with the job's
+    # shuffle partitions (they decide the training rows' order in the Petastorm files, hence the batches).
+    clean_warehouse = _world_copy(world, tmp_path, "clean")
+    config = load_config(overrides=[f"warehouse={clean_warehouse}", *WORLD_SETTINGS, *settings])
+    ours = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", session.defaults(local=True)["spark.sql.shuffle.partitions"])
+    try:
+        pipeline_steps.run_train(spark, config, "ncf", pipeline_steps.Run.of(config, run_date))
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", ours)
+    clean = registry.load("ncf", spark, tb.model_dir(clean_warehouse, "ncf", run_date))
+
+    warehouse = _world_copy(world, tmp_path, "killed")
+    path = tb.model_dir(warehouse, "ncf", run_date)
+    checkpoints = os.path.join(path, "checkpoints")
+    argv = _job("train", "ncf", warehouse, run_date, *[a for s in settings for a in ("--set", s)])
+    job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CHILD_ENV,
+                           start_new_session=True)
+    while job.poll() is None and len(ckpt.epochs_saved(checkpoints)) < 2:
+        time.sleep(0.01)
+    assert job.poll() is None, f"train ended before its second checkpoint: {job.communicate()[1][-3000:]}"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate(timeout=60)
+    done_epochs = ckpt.epochs_saved(checkpoints)
+    assert 2 <= done_epochs[-1] < 12
+    with pytest.raises(RecsysError):  # nothing half-trained passes for a model
+        registry.load("ncf", spark, path)
+
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=CHILD_ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    model = registry.load("ncf", spark, path)
+    assert [r["epoch"] for r in model.history] == list(range(1, 13))
+    assert [r["train_loss"] for r in model.history] == [r["train_loss"] for r in clean.history]
+    for name, tensor in clean.module.state_dict().items():
+        assert torch.equal(tensor, model.module.state_dict()[name]), name
+
+
 def _delta_tables(warehouse: str) -> list[str]:
     return sorted(os.path.relpath(root, warehouse) for root, dirs, _ in os.walk(warehouse) if "_delta_log" in dirs)
 
