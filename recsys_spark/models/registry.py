@@ -51,6 +51,8 @@ MODELS: dict[str, Entry] = {
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
+    "widedeep": Entry("recsys_spark.models.widedeep:WideDeepRecommender", features=True, reranks="candidates"),
+    "dcn": Entry("recsys_spark.models.dcn:DCNRecommender", features=True, reranks="candidates"),
 }
 
 
