@@ -35,6 +35,7 @@ TINY = {
     "deepfm": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
     "widedeep": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
     "dcn": {**TORCH, "net": {"dim": 4, "hidden": [8], "cross_layers": 2}},
+    "two_tower": {**TORCH, "net": {"dim": 4, "field_dim": 4, "hidden": [8], "history_len": 5}},
     "item2vec": {"vector_size": 8, "window": 3, "min_count": 1, "max_iter": 2, "seed": 1},
 }
 # Models that rank only a neighbourhood of the user's items, so a user may get fewer than k rows.

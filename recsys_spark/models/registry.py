@@ -53,6 +53,7 @@ MODELS: dict[str, Entry] = {
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
     "widedeep": Entry("recsys_spark.models.widedeep:WideDeepRecommender", features=True, reranks="candidates"),
     "dcn": Entry("recsys_spark.models.dcn:DCNRecommender", features=True, reranks="candidates"),
+    "two_tower": Entry("recsys_spark.models.two_tower:TwoTowerRecommender", features=True),
 }
 
 
