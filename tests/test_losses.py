@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys_spark.errors import RecsysError
 from recsys_spark.train import losses, negatives
 
 pytestmark = pytest.mark.torch
@@ -286,3 +287,28 @@ def test_ncf_trains_end_to_end_with_hard_negatives_and_the_triplet_loss():
     (result,) = launch(None, lambda ctx: fit(task, ctx, shard, 3, config), backend="local")
     assert len(result.history) == 3 and all(math.isfinite(r["train_loss"]) for r in result.history)
     assert result.init_kwargs["metric"] == "distance"
+
+
+@pytest.mark.spark
+def test_funnel_lists_hold_the_items_viewed_but_never_bought_before_the_cut(spark):
+    import datetime as dt
+
+    from recsys_spark.data.funnel import candidate_matrix, viewed_not_bought
+
+    day = dt.datetime(2026, 1, 1)
+    events = spark.createDataFrame([
+        ("u1", "a", "view", day), ("u1", "b", "view", day), ("u1", "b", "cart", day),  # b: carted
+        ("u1", "c", "view", day + dt.timedelta(1)), ("u1", "d", "purchase", day),  # d: bought, never viewed
+        ("u1", "e", "view", day + dt.timedelta(9)),  # after u1's last train interaction: unseen
+        ("u2", "c", "view", day), ("u2", "c", "purchase", day + dt.timedelta(1)),  # bought later, still bought
+        ("u2", "zz", "view", day),  # not in the item index
+    ], "user_id string, item_id string, event_type string, event_time timestamp")
+    users = spark.createDataFrame([("u1", 0), ("u2", 1)], "user_id string, user_idx int")
+    items = spark.createDataFrame([(x, i) for i, x in enumerate("abcde")], "item_id string, item_idx int")
+    train = spark.createDataFrame([(0, 3, day + dt.timedelta(2)), (1, 2, day + dt.timedelta(2))],
+                                  "user_idx int, item_idx int, last_ts timestamp")
+    lists = viewed_not_bought(events, users, items, train)
+    assert {r[0]: r[1] for r in lists.collect()} == {0: [2, 0]}  # c then a: the latest view first
+    assert candidate_matrix(lists, 3).tolist() == [[2, 0], [-1, -1], [-1, -1]]
+    with pytest.raises(RecsysError, match="disjoint"):
+        viewed_not_bought(events, users, items, train, viewed=["view"], bought=["view"])
