@@ -176,6 +176,11 @@ class NCFRecommender(TorchRecommender):
     name = "ncf"
     params_class = NCFParams
 
+    def __init__(self, params: NCFParams | None = None) -> None:
+        super().__init__(params)
+        self._positives: tuple[np.ndarray, np.ndarray] | None = None  # negatives: hard (CSR of fit items)
+        self._funnel: np.ndarray | None = None  # negatives: funnel ([n_users, m] viewed-not-bought items)
+
     def network_class(self) -> type[nn.Module]:
         return NETWORKS[self.params.net.model]
 
@@ -214,7 +219,7 @@ class NCFRecommender(TorchRecommender):
 
     def _task(self, item_counts, holdout):
         return NCFTask(self.params.net, self.n_users, self.n_items, item_counts, holdout,
-                       positives=getattr(self, "_positives", None), funnel=getattr(self, "_funnel", None))
+                       positives=self._positives, funnel=self._funnel)
 
     def user_factors(self) -> DataFrame | None:
         return self._factor_frame(0, tb.USER_IDX)
