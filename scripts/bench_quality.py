@@ -116,6 +116,7 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "two_tower": [{}, {"net": {"temperature": 0.1}}, {"net": {"uniform_negatives": 512}},
                   {"net": {"history_decay": 0.8}}],
     "item2vec": [{}, {"recency_decay": 0.5}, {"window": 5, "recency_decay": 0.5}, {"window": 50}],
+    "multvae": [{}, {"net": {"variant": "dae"}}, {"net": {"anneal_cap": 0.5}}, {"net": {"hidden": 200, "latent": 64}}],
     # The plain SASRec of scripts/reference_sasrec.py: the same trials as sasrec-ce, in its flat form.
     "reference-sasrec": [{}, {"dropout": 0.5}, {"lr": 0.002}, {"d": 128, "dropout": 0.5}],
     "implicit-als": [{"factors": 64, "regularization": 1.0, "alpha": 1.0, "bm25": False},
@@ -130,8 +131,9 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
 }
 # Registry model behind each row (the sasrec rows differ by loss).
 MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
-RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "item2vec", "ncf", "sasrec-ce", "sasrec-bce",
-                "gru4rec", "deepfm", "widedeep", "dcn", "two_tower", "reference-sasrec", "implicit-als", "implicit-itemknn"]
+RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "item2vec", "multvae", "ncf", "sasrec-ce",
+                "sasrec-bce", "gru4rec", "deepfm", "widedeep", "dcn", "two_tower", "reference-sasrec",
+                "implicit-als", "implicit-itemknn"]
 SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce", "item2vec"]
 
 

@@ -37,6 +37,7 @@ TINY = {
     "dcn": {**TORCH, "net": {"dim": 4, "hidden": [8], "cross_layers": 2}},
     "two_tower": {**TORCH, "net": {"dim": 4, "field_dim": 4, "hidden": [8], "history_len": 5}},
     "item2vec": {"vector_size": 8, "window": 3, "min_count": 1, "max_iter": 2, "seed": 1},
+    "multvae": {**TORCH, "net": {"hidden": 8, "latent": 4, "total_anneal_steps": 10}},
 }
 # Models that rank only a neighbourhood of the user's items, so a user may get fewer than k rows.
 NEIGHBOURHOOD_ONLY = {"itemknn"}

@@ -54,6 +54,7 @@ MODELS: dict[str, Entry] = {
     "widedeep": Entry("recsys_spark.models.widedeep:WideDeepRecommender", features=True, reranks="candidates"),
     "dcn": Entry("recsys_spark.models.dcn:DCNRecommender", features=True, reranks="candidates"),
     "two_tower": Entry("recsys_spark.models.two_tower:TwoTowerRecommender", features=True),
+    "multvae": Entry("recsys_spark.models.multvae:MultVAERecommender", fold_in=True),
 }
 
 

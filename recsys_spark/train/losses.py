@@ -96,3 +96,36 @@ def sampled_softmax(pos_logits: Tensor, neg_logits: Tensor, neg_log_q: Tensor | 
     logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)  # [*, 1 + m], the positive in column 0
     per_positive = torch.logsumexp(logits, dim=-1) - pos  # [*]
     return _weighted_mean(per_positive, weight)
+
+
+def squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    """``||a - b||²`` over the last dimension: a, b [*, d] (broadcastable) -> [*]."""
+    return (a - b).pow(2).sum(-1)
+
+
+def triplet(anchor: Tensor, pos: Tensor, neg: Tensor, alpha: float = 1.0, weight: Tensor | None = None) -> Tensor:
+    """Triplet loss on squared Euclidean distances (Schroff et al. 2015; CML, Hsieh et al. 2017)::
+
+        loss = max(||u - p||² - ||u - n||² + α, 0)
+
+    for an anchor ``u`` (the user), its positive ``p`` and a negative ``n``, averaged over the n negatives
+    of each positive, then over positives. Shapes: ``anchor`` and ``pos`` [*, d], ``neg`` [*, n, d] (or
+    [*, d] for one negative each); ``weight`` [*] as for the other losses. A model trained with it must
+    score by ``-||u - i||²`` for the loss to rank what it trains.
+    """
+    d_pos = squared_distance(anchor, pos)  # [*]
+    if neg.shape == pos.shape:
+        neg = neg.unsqueeze(-2)  # [*, 1, d]
+    d_neg = squared_distance(anchor.unsqueeze(-2), neg)  # [*, n]
+    per_positive = F.relu(d_pos.unsqueeze(-1) - d_neg + alpha).mean(-1)  # [*]
+    return _weighted_mean(per_positive, weight)
+
+
+def margin_ranking(pos_logits: Tensor, neg_logits: Tensor, margin: float = 1.0,
+                   weight: Tensor | None = None) -> Tensor:
+    """Margin ranking (hinge) loss on scores: ``max(0, margin - s⁺ + s⁻)``, averaged over the n negatives
+    of each positive, then over positives (``torch.nn.MarginRankingLoss`` with target 1, per pair).
+    Shapes as ``bpr``."""
+    neg = _negatives(pos_logits, neg_logits)  # [*, n]
+    per_positive = F.relu(margin - pos_logits.unsqueeze(-1) + neg).mean(-1)  # [*]
+    return _weighted_mean(per_positive, weight)
