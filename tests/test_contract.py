@@ -34,6 +34,7 @@ TINY = {
     "gru4rec": {**TORCH, "net": {"hidden": 8, "parallel": 8, "n_sample": 16, "max_length": 10}},
     "deepfm": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
     "item2vec": {"vector_size": 8, "window": 3, "min_count": 1, "max_iter": 2, "seed": 1},
+    "twostage": {"candidates": "popularity", "candidates_k": 30, "label_items": 2, "ranker": {"trees": 20}},
 }
 # Models that rank only a neighbourhood of the user's items, so a user may get fewer than k rows.
 NEIGHBOURHOOD_ONLY = {"itemknn"}

@@ -51,6 +51,7 @@ MODELS: dict[str, Entry] = {
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
+    "twostage": Entry("recsys_spark.models.twostage:TwoStageRecommender", features=True),
 }
 
 
