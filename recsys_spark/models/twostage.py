@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -60,8 +60,9 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.data.features import ITEM_EVENT_FIELDS, USER_EVENT_FIELDS
 from recsys_spark.errors import RecsysError
-from recsys_spark.models import registry
 from recsys_spark.models.base import Recommender, read_json
+from recsys_spark.models.registry import MODELS, model_class
+from recsys_spark.models.registry import load as load_model
 from recsys_spark.scoring import RECS_SCHEMA, top_k_of_scores
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,23 @@ class TwoStageParams(Section):
     @field_validator("candidates")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in registry.MODELS or name == TwoStageRecommender.name:
+        if name not in MODELS or name == TwoStageRecommender.name:
             raise ValueError(f"unknown candidate model {name!r}; choose from "
-                             f"{sorted(set(registry.MODELS) - {TwoStageRecommender.name})}")
+                             f"{sorted(set(MODELS) - {TwoStageRecommender.name})}")
         return name
+
+    @field_validator("candidate_params")
+    @classmethod
+    def _candidate_schema(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Checked now against the candidate model's own schema, so a bad key stops the run at start.
+        name = info.data.get("candidates")
+        if name is not None:
+            try:
+                model_class(name).params_class.model_validate(raw)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"{name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return raw
 
 
 # -- the label period ------------------------------------------------------------------------------------
@@ -287,7 +301,7 @@ class TwoStageRecommender(Recommender):
 
     def _new_candidate_model(self) -> Recommender:
         p: TwoStageParams = self.params
-        cls = registry.model_class(p.candidates)
+        cls = model_class(p.candidates)
         model = cls(cls.params_class.model_validate(p.candidate_params))
         model.workdir, model.warehouse = self.workdir, self.warehouse
         model.run_date, model.users_per_block = self.run_date, self.users_per_block
@@ -435,7 +449,7 @@ class TwoStageRecommender(Recommender):
         meta = read_json(path)
         model = cls(TwoStageParams.model_validate(meta["params"]))
         model.warehouse, model.training = meta.get("warehouse"), meta.get("training", {})
-        model.candidate_model = registry.load(model.params.candidates, spark, os.path.join(path, CANDIDATE_DIR))
+        model.candidate_model = load_model(model.params.candidates, spark, os.path.join(path, CANDIDATE_DIR))
         with open(os.path.join(path, RANKER_FILE)) as fh:
             model.booster = lgb.Booster(model_str=fh.read())
         model.history = History(pd.read_parquet(os.path.join(path, HISTORY_FILE)),
