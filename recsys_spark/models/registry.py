@@ -55,6 +55,7 @@ MODELS: dict[str, Entry] = {
     "dcn": Entry("recsys_spark.models.dcn:DCNRecommender", features=True, reranks="candidates"),
     "two_tower": Entry("recsys_spark.models.two_tower:TwoTowerRecommender", features=True),
     "multvae": Entry("recsys_spark.models.multvae:MultVAERecommender", fold_in=True),
+    "twostage": Entry("recsys_spark.models.twostage:TwoStageRecommender", features=True),
 }
 
 
