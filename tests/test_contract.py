@@ -33,6 +33,7 @@ TINY = {
     "sasrec": {**TORCH, "net": {"max_len": 10, "d": 8, "blocks": 1}},
     "gru4rec": {**TORCH, "net": {"hidden": 8, "parallel": 8, "n_sample": 16, "max_length": 10}},
     "deepfm": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
+    "lightfm": {**TORCH, "net": {"dim": 4}},
     "item2vec": {"vector_size": 8, "window": 3, "min_count": 1, "max_iter": 2, "seed": 1},
 }
 # Models that rank only a neighbourhood of the user's items, so a user may get fewer than k rows.

@@ -51,6 +51,7 @@ MODELS: dict[str, Entry] = {
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
+    "lightfm": Entry("recsys_spark.models.lightfm:LightFMRecommender", features=True),
 }
 
 
