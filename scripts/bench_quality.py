@@ -111,6 +111,12 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "gru4rec": [{}, {"net": {"hidden": 200}}, {"train": {"lr": 0.01}}, {"net": {"loss": "bpr-max", "elu_param": 0.5,
                                                                                  "bpreg": 1.0}}],
     "deepfm": [{}, {"net": {"dim": 32}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    # WARP (the default) and BPR side by side: the same variations of each, the loss the only difference.
+    "lightfm": [{}, {"train": {"lr": 0.01}}, {"net": {"dim": 32}, "train": {"weight_decay": 1e-5}},
+                {"net": {"max_sampled": 30}}],
+    "lightfm-bpr": [{"net": {"loss": "bpr"}}, {"net": {"loss": "bpr"}, "train": {"lr": 0.01}},
+                    {"net": {"loss": "bpr", "dim": 32}, "train": {"weight_decay": 1e-5}},
+                    {"net": {"loss": "bpr", "n_negatives": 4}}],
     "item2vec": [{}, {"recency_decay": 0.5}, {"window": 5, "recency_decay": 0.5}, {"window": 50}],
     # The plain SASRec of scripts/reference_sasrec.py: the same trials as sasrec-ce, in its flat form.
     "reference-sasrec": [{}, {"dropout": 0.5}, {"lr": 0.002}, {"d": 128, "dropout": 0.5}],
@@ -124,10 +130,10 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "session_itemknn": [{"lam": 20.0, "alpha": 0.5, "neighbours": 100}, {"lam": 0.0, "alpha": 0.5, "neighbours": 100},
                         {"lam": 50.0, "alpha": 0.75, "neighbours": 200}, {"lam": 20.0, "alpha": 0.5, "neighbours": 50}],
 }
-# Registry model behind each row (the sasrec rows differ by loss).
-MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
+# Registry model behind each row (the sasrec rows differ by loss, and so do the lightfm rows).
+MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec", "lightfm-bpr": "lightfm"}
 RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "item2vec", "ncf", "sasrec-ce", "sasrec-bce",
-                "gru4rec", "deepfm", "reference-sasrec", "implicit-als", "implicit-itemknn"]
+                "gru4rec", "deepfm", "lightfm", "lightfm-bpr", "reference-sasrec", "implicit-als", "implicit-itemknn"]
 SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce", "item2vec"]
 
 
