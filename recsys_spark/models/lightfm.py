@@ -80,6 +80,22 @@ class LightFMParams(TorchParams):
                                      early_stopping_metric="ndcg@10", patience=3, validate_every_steps=100)
 
 
+def cold_items_unknown(item_fields: np.ndarray, spec: FeatureSpec, item_counts: np.ndarray) -> np.ndarray:
+    """``item_fields`` [n_items, Fi] with the identity of every item without a train interaction
+    (``item_counts`` [<= n_items], missing = 0) set to unknown (0), a copy.
+
+    Why: such an item only ever appears as a sampled negative, so its id embedding learns nothing but
+    "not this"; with its identity unknown in training and in serving alike, it is scored from its
+    features alone, as the paper's cold items are."""
+    out = np.array(item_fields, dtype=np.int64, copy=True)
+    if tb.ITEM_IDX not in spec.item_fields:
+        return out
+    counts = np.zeros(len(out))
+    counts[:len(item_counts)] = np.asarray(item_counts)[:len(out)]
+    out[counts == 0, spec.item_fields.index(tb.ITEM_IDX)] = 0
+    return out
+
+
 class LightFMTask(SampledTask):
     """LightFM on (user_idx, item_idx, fields) positives (``fields``: the user block, then the item block;
     only the user block is read: the item block comes from ``item_fields``, the table serving uses).
@@ -198,14 +214,7 @@ class LightFMRecommender(TorchRecommender):
         return frame, holdout
 
     def _task(self, item_counts: np.ndarray, holdout):
-        # Items without a train interaction are cold: their identity reads unknown in training (as
-        # negatives) and in serving alike, so they are scored from their features, never from an id
-        # embedding that only ever learnt to be a negative.
-        if tb.ITEM_IDX in self.spec.item_fields:
-            identity = self.spec.item_fields.index(tb.ITEM_IDX)
-            counts = np.zeros(len(self.item_fields))
-            counts[:len(item_counts)] = item_counts
-            self.item_fields[counts == 0, identity] = 0
+        self.item_fields = cold_items_unknown(self.item_fields, self.spec, item_counts)  # trained and served so
         return LightFMTask(self.params.net, self.spec, self.item_fields, item_counts, holdout)
 
     # -- vectors --------------------------------------------------------------------------------
