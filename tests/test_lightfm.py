@@ -64,6 +64,9 @@ def test_network_sums_active_features_and_folds_the_biases():
     with torch.no_grad():
         assert torch.allclose(model.score_items(users, items), expected, atol=1e-5)
         assert torch.allclose(model(users.unsqueeze(1), items.unsqueeze(0)), expected, atol=1e-5)
+        # Candidates of a table, as training scores them (each distinct item embedded once).
+        candidates = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1]])
+        assert torch.allclose(model(users, items, candidates), expected.gather(1, candidates), atol=1e-5)
         assert model.user_vectors(users).shape == (4, 8)  # [p_u, b_u, 1]: dot [q_i, 1, b_i] = f
 
 

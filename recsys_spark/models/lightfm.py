@@ -141,7 +141,7 @@ class LightFMTask(SampledTask):
         m = p.max_sampled if p.loss == "warp" else p.n_negatives
         neg = self.sample("uniform", (items.shape[0], m), items.device, positives=items)  # items [B, m]
         candidates = torch.cat([items.unsqueeze(1), neg.items], dim=1)  # [B, 1 + m], the positive first
-        scores = model(users.unsqueeze(1), self.items_on(items.device)[candidates])  # [B, 1, Fu] x [B, 1 + m, Fi]
+        scores = model(users, self.items_on(items.device), candidates)  # [B, Fu], [n_items, Fi] -> [B, 1 + m]
         if p.loss == "warp":
             return losses.warp(scores[:, 0], scores[:, 1:], n_items=self.n_items)
         loss_fn = losses.bpr if p.loss == "bpr" else losses.bce_sampled
