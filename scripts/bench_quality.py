@@ -117,6 +117,12 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "two_tower": [{}, {"net": {"temperature": 0.1}}, {"net": {"uniform_negatives": 512}},
                   {"net": {"history_decay": 0.8}}],
     "twostage": [{}, {"label_items": 10}, {"candidate_params": {"rank": 200}}, {"ranker": {"objective": "binary"}}],
+    # WARP (the default) and BPR side by side: the same variations of each, the loss the only difference.
+    "lightfm": [{}, {"train": {"lr": 0.01}}, {"net": {"dim": 32}, "train": {"weight_decay": 1e-5}},
+                {"net": {"max_sampled": 30}}],
+    "lightfm-bpr": [{"net": {"loss": "bpr"}}, {"net": {"loss": "bpr"}, "train": {"lr": 0.01}},
+                    {"net": {"loss": "bpr", "dim": 32}, "train": {"weight_decay": 1e-5}},
+                    {"net": {"loss": "bpr", "n_negatives": 4}}],
     "item2vec": [{}, {"recency_decay": 0.5}, {"window": 5, "recency_decay": 0.5}, {"window": 50}],
     "multvae": [{}, {"net": {"variant": "dae"}}, {"net": {"anneal_cap": 0.5}}, {"net": {"hidden": 200, "latent": 64}}],
     # The plain SASRec of scripts/reference_sasrec.py: the same trials as sasrec-ce, in its flat form.
@@ -131,11 +137,11 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "session_itemknn": [{"lam": 20.0, "alpha": 0.5, "neighbours": 100}, {"lam": 0.0, "alpha": 0.5, "neighbours": 100},
                         {"lam": 50.0, "alpha": 0.75, "neighbours": 200}, {"lam": 20.0, "alpha": 0.5, "neighbours": 50}],
 }
-# Registry model behind each row (the sasrec rows differ by loss).
-MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
+# Registry model behind each row (the sasrec rows differ by loss, and so do the lightfm rows).
+MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec", "lightfm-bpr": "lightfm"}
 RANKING_ROWS = ["popularity", "itemknn", "als", "twostage", "svd", "ease", "item2vec", "multvae", "ncf",
-                "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm", "widedeep", "dcn", "two_tower", "reference-sasrec",
-                "implicit-als", "implicit-itemknn"]
+                "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm", "widedeep", "dcn", "two_tower", "lightfm",
+                "lightfm-bpr", "reference-sasrec", "implicit-als", "implicit-itemknn"]
 SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce", "item2vec"]
 
 

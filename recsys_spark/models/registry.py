@@ -56,6 +56,7 @@ MODELS: dict[str, Entry] = {
     "two_tower": Entry("recsys_spark.models.two_tower:TwoTowerRecommender", features=True),
     "multvae": Entry("recsys_spark.models.multvae:MultVAERecommender", fold_in=True),
     "twostage": Entry("recsys_spark.models.twostage:TwoStageRecommender", features=True),
+    "lightfm": Entry("recsys_spark.models.lightfm:LightFMRecommender", features=True),
 }
 
 
