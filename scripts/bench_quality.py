@@ -63,6 +63,7 @@ import reference_sasrec  # noqa: E402  (scripts/, next to this file)
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+from recsys_spark import metrics as M  # noqa: E402
 from recsys_spark import tables as tb  # noqa: E402
 from recsys_spark.config import PipelineConfig, load_config  # noqa: E402
 from recsys_spark.data import splits  # noqa: E402
@@ -111,7 +112,19 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "gru4rec": [{}, {"net": {"hidden": 200}}, {"train": {"lr": 0.01}}, {"net": {"loss": "bpr-max", "elu_param": 0.5,
                                                                                  "bpreg": 1.0}}],
     "deepfm": [{}, {"net": {"dim": 32}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    "widedeep": [{}, {"net": {"dim": 64}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    "dcn": [{}, {"net": {"cross": "matrix"}}, {"net": {"dropout": 0.5}}, {"train": {"lr": 0.003}}],
+    "two_tower": [{}, {"net": {"temperature": 0.1}}, {"net": {"uniform_negatives": 512}},
+                  {"net": {"history_decay": 0.8}}],
+    "twostage": [{}, {"label_items": 10}, {"candidate_params": {"rank": 200}}, {"ranker": {"objective": "binary"}}],
+    # WARP (the default) and BPR side by side: the same variations of each, the loss the only difference.
+    "lightfm": [{}, {"train": {"lr": 0.01}}, {"net": {"dim": 32}, "train": {"weight_decay": 1e-5}},
+                {"net": {"max_sampled": 30}}],
+    "lightfm-bpr": [{"net": {"loss": "bpr"}}, {"net": {"loss": "bpr"}, "train": {"lr": 0.01}},
+                    {"net": {"loss": "bpr", "dim": 32}, "train": {"weight_decay": 1e-5}},
+                    {"net": {"loss": "bpr", "n_negatives": 4}}],
     "item2vec": [{}, {"recency_decay": 0.5}, {"window": 5, "recency_decay": 0.5}, {"window": 50}],
+    "multvae": [{}, {"net": {"variant": "dae"}}, {"net": {"anneal_cap": 0.5}}, {"net": {"hidden": 200, "latent": 64}}],
     # The plain SASRec of scripts/reference_sasrec.py: the same trials as sasrec-ce, in its flat form.
     "reference-sasrec": [{}, {"dropout": 0.5}, {"lr": 0.002}, {"d": 128, "dropout": 0.5}],
     "implicit-als": [{"factors": 64, "regularization": 1.0, "alpha": 1.0, "bm25": False},
@@ -124,10 +137,11 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
     "session_itemknn": [{"lam": 20.0, "alpha": 0.5, "neighbours": 100}, {"lam": 0.0, "alpha": 0.5, "neighbours": 100},
                         {"lam": 50.0, "alpha": 0.75, "neighbours": 200}, {"lam": 20.0, "alpha": 0.5, "neighbours": 50}],
 }
-# Registry model behind each row (the sasrec rows differ by loss).
-MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec"}
-RANKING_ROWS = ["popularity", "itemknn", "als", "svd", "ease", "item2vec", "ncf", "sasrec-ce", "sasrec-bce",
-                "gru4rec", "deepfm", "reference-sasrec", "implicit-als", "implicit-itemknn"]
+# Registry model behind each row (the sasrec rows differ by loss, and so do the lightfm rows).
+MODEL_OF = {"sasrec-ce": "sasrec", "sasrec-bce": "sasrec", "lightfm-bpr": "lightfm"}
+RANKING_ROWS = ["popularity", "itemknn", "als", "twostage", "svd", "ease", "item2vec", "multvae", "ncf",
+                "sasrec-ce", "sasrec-bce", "gru4rec", "deepfm", "widedeep", "dcn", "two_tower", "lightfm",
+                "lightfm-bpr", "reference-sasrec", "implicit-als", "implicit-itemknn"]
 SESSION_ROWS = ["session_pop", "session_itemknn", "gru4rec", "sasrec-ce", "item2vec"]
 
 
@@ -165,8 +179,34 @@ def prepare(spark: SparkSession, data_dir: Path, name: str, root: str) -> tuple[
 def ranking_scores(recs: DataFrame, test: DataFrame, train: DataFrame, n_items: int) -> dict[str, float]:
     frame = evaluate(recs, test, train, [10, 20], n_items).toPandas()
     value = {(m, int(k)): v for m, k, v in zip(frame[tb.METRIC], frame[tb.K], frame[tb.VALUE], strict=True)}
+    per_user = user_ndcg(recs, test)
     return {"hr@10": value[("hr", 10)], "ndcg@10": value[("ndcg", 10)], "recall@20": value[("recall", 20)],
-            "coverage@10": value[("coverage", 10)]}
+            "coverage@10": value[("coverage", 10)], "ndcg@10_se": standard_error(per_user)}
+
+
+def user_ndcg(recs: DataFrame, test: DataFrame, k: int = 10) -> pd.Series:
+    """NDCG@k of every test user (0 without recommendations), by ``recsys_spark.metrics.ndcg``, the
+    evaluator's own per-user function: its mean is the evaluator's NDCG@k. Collected: one row per user."""
+    top = recs.filter(F.col(tb.RANK) <= k).select(tb.USER_IDX, tb.ITEM_IDX, tb.RANK).toPandas()
+    ranked = top.sort_values([tb.USER_IDX, tb.RANK]).groupby(tb.USER_IDX)[tb.ITEM_IDX].agg(list)
+    relevant = test.select(tb.USER_IDX, tb.ITEM_IDX).distinct().toPandas().groupby(tb.USER_IDX)[tb.ITEM_IDX].agg(list)
+    return pd.Series({user: M.ndcg(ranked.get(user, []), items, k) for user, items in relevant.items()}).sort_index()
+
+
+def standard_error(values: pd.Series) -> float:
+    """The standard error of a mean over users: sample std / sqrt(n)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def paired_lift(after: pd.Series, before: pd.Series, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """NDCG@10 of ``after`` minus ``before`` on the same users: the mean difference, its standard error
+    (std of the per-user differences / sqrt(n)) and a 95% paired bootstrap interval over users."""
+    diff = (after - before.reindex(after.index).fillna(0.0)).to_numpy()
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    return {"lift": float(diff.mean()), "lift_se": standard_error(pd.Series(diff)),
+            "lift_ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "users": len(diff)}
 
 
 # -- one fit of a row ------------------------------------------------------------------------------------
@@ -245,6 +285,11 @@ def ranking_row(spark, row: str, setting: dict, config: PipelineConfig, train: D
     else:
         model, seconds = fit_ours(row, setting, config, train, workdir)
         recs, extra = model.recommend(users, K, seen=train), training_of(model)
+        if hasattr(model, "first_stage"):  # a two-stage model: its candidate model's own list, same fit
+            first = model.first_stage().recommend(users, K, seen=train)
+            extra = {**extra, "first_stage": {**ranking_scores(first, test, train, n_items),
+                                              **paired_lift(user_ndcg(recs, test), user_ndcg(first, test))},
+                     "ranker": getattr(model, "training", {})}
     return {**ranking_scores(recs, test, train, n_items), "fit_s": round(seconds, 2), **extra}
 
 
@@ -321,8 +366,35 @@ def rank_check(spark, row: str, setting: dict, config: PipelineConfig, train: Da
     return out
 
 
+def cold_check(spark, rows: list[str], config: PipelineConfig, train: DataFrame, test: DataFrame, n_items: int,
+               out: dict, save, share: float = 0.1, seed: int = 0) -> None:
+    """Cold users made by holding users out: a seeded ``share`` of the test users loses every train row;
+    each of ``rows`` (its tuned test setting, else its default) is fitted on the other users' rows and
+    ranks for the held-out users from what it knows of them without their rows (their side features),
+    no seen filter (the system has seen nothing of them), scored on their test items. Rows after the
+    first get the paired NDCG@10 difference to the first (popularity, when listed first)."""
+    users = sorted(r[0] for r in test.select(tb.USER_IDX).distinct().collect())
+    rng = np.random.default_rng(seed)
+    cold = spark.createDataFrame([(int(u),) for u in users if rng.random() < share], f"{tb.USER_IDX} int")
+    rest = train.join(cold, tb.USER_IDX, "left_anti").persist()
+    cold_test = test.join(cold, tb.USER_IDX, "left_semi").persist()
+    per_user = {}
+    for row in rows:
+        setting = out.get("rows", {}).get(row, {}).get("test_setting", TRIALS[row][0])
+        model, seconds = fit_ours(row, setting, config, rest, tempfile.mkdtemp(prefix=f"bq-cold-{row}-"))
+        recs = model.recommend(cold, K).persist()
+        per_user[row] = user_ndcg(recs, cold_test)
+        result = {**ranking_scores(recs, cold_test, rest, n_items), "fit_s": round(seconds, 2),
+                  "users": len(per_user[row]), "setting": setting}
+        if row != rows[0]:
+            result["vs_" + rows[0]] = paired_lift(per_user[row], per_user[rows[0]])
+        out.setdefault("cold", {})[row] = result
+        log.info("cold users, %s: %s", row, result)
+        save()
+
+
 def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, root: str, out: dict, save,
-                ranks_of: list[str] = (), ranks_setting: dict | None = None) -> None:
+                ranks_of: list[str] = (), ranks_setting: dict | None = None, cold_rows: list[str] = ()) -> None:
     """Every row of ``rows`` on data set ``name``, into ``out`` (``save()`` after every fit)."""
     config, counts = prepare(spark, data_dir, name, root)
     wh = config.warehouse
@@ -348,6 +420,8 @@ def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, 
         tune_and_test(row, trials, lambda setting, part, row=row: ranking_row(
             spark, row, setting, config, *parts[part], n_users, n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
             out["rows"], save)
+    if cold_rows:
+        cold_check(spark, cold_rows, config, train, test, n_items, out, save)
     for row in ranks_of:
         tuned = out["rows"].get(row, {}).get("best_setting")
         setting = ranks_setting or (TRIALS[row][0] if tuned is None else tuned)
@@ -365,9 +439,23 @@ def table(results: dict) -> str:
             if "test" not in r:  # interrupted before its test fit
                 continue
             t, best = r["test"], max(r["trials"], key=lambda trial: trial["ndcg@10"])
-            lines.append(f"| {row} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['recall@20']:.4f} | "
+            ndcg = f"{t['ndcg@10']:.4f}" + (f" ± {t['ndcg@10_se']:.4f}" if t.get("ndcg@10_se") else "")
+            lines.append(f"| {row} | {t['hr@10']:.4f} | {ndcg} | {t['recall@20']:.4f} | "
                          f"{_cell(t.get('coverage@10'), '.3f')} | {t['fit_s']:.0f} | {_cell(t.get('steps_to_best'))} | "
                          f"{best['ndcg@10']:.4f} | `{json.dumps(r['best_setting'])}` |")
+        for row, r in result.get("rows", {}).items():
+            first = r.get("test", {}).get("first_stage")
+            if first:
+                lines.append(f"| {row}: its first stage alone | {first['hr@10']:.4f} | {first['ndcg@10']:.4f} ± "
+                             f"{first['ndcg@10_se']:.4f} | {first['recall@20']:.4f} | {first['coverage@10']:.3f} "
+                             f"| | | | lift {first['lift']:+.4f} ± {first['lift_se']:.4f} (paired s.e.), "
+                             f"95% bootstrap [{first['lift_ci95'][0]:+.4f}, {first['lift_ci95'][1]:+.4f}] |")
+        for row, r in result.get("cold", {}).items():
+            lines.append(f"| {row}, held-out cold users | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} ± "
+                         f"{r['ndcg@10_se']:.4f} | {r['recall@20']:.4f} | {r['coverage@10']:.3f} | | | | "
+                         f"{r['users']} users, no train rows" + "".join(
+                             f"; {key[3:]} {v['lift']:+.4f} ± {v['lift_se']:.4f}" for key, v in r.items()
+                             if key.startswith("vs_")) + " |")
         for row, by_ranks in result.get("ranks", {}).items():
             for label, t in by_ranks.items():
                 lines.append(f"| {row}, {label} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['recall@20']:.4f} | "
@@ -391,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in --out (same --trials) and fit only the missing ones")
     parser.add_argument("--ranks", default="", help="rows also trained on 1 and on 2 Horovod ranks (best setting)")
+    parser.add_argument("--cold", default="", help="rows also scored on held-out cold users (10%% of the users "
+                        "lose their train rows), e.g. popularity,twostage: the first is the reference")
     parser.add_argument("--ranks-setting", type=json.loads, default=None,
                         help="with --ranks: the setting (JSON; default: the row's tuned best, else its first)")
     args = parser.parse_args(argv)
@@ -426,8 +516,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ranks = [r for r in args.ranks.split(",") if r]
     for name in args.datasets.split(","):
+        cold = [r for r in args.cold.split(",") if r] if DATASETS[name].protocol == "leave_last_out" else []
         run_dataset(spark, Path(args.data), name, rows, args.trials, root,
-                    report["results"].setdefault(name, {}), save, ranks, args.ranks_setting)
+                    report["results"].setdefault(name, {}), save, ranks, args.ranks_setting, cold)
     print(table(report["results"]))
 
 

@@ -33,7 +33,13 @@ TINY = {
     "sasrec": {**TORCH, "net": {"max_len": 10, "d": 8, "blocks": 1}},
     "gru4rec": {**TORCH, "net": {"hidden": 8, "parallel": 8, "n_sample": 16, "max_length": 10}},
     "deepfm": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
+    "widedeep": {**TORCH, "net": {"dim": 4, "hidden": [8]}},
+    "dcn": {**TORCH, "net": {"dim": 4, "hidden": [8], "cross_layers": 2}},
+    "two_tower": {**TORCH, "net": {"dim": 4, "field_dim": 4, "hidden": [8], "history_len": 5}},
+    "lightfm": {**TORCH, "net": {"dim": 4}},
     "item2vec": {"vector_size": 8, "window": 3, "min_count": 1, "max_iter": 2, "seed": 1},
+    "multvae": {**TORCH, "net": {"hidden": 8, "latent": 4, "total_anneal_steps": 10}},
+    "twostage": {"candidates": "popularity", "candidates_k": 30, "label_items": 2, "ranker": {"trees": 20}},
 }
 # Models that rank only a neighbourhood of the user's items, so a user may get fewer than k rows.
 NEIGHBOURHOOD_ONLY = {"itemknn"}

@@ -78,13 +78,14 @@ def test_the_check_sees_deferred_and_relative_imports(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "nn").glob("*.py")), ids=lambda p: p.name)
 def test_networks_need_only_torch(path):
-    assert _imports(path) == []
+    # A network may build on a sibling network module (nn/fields.py, the field networks' base): still torch only.
+    assert [name for _, name in _imports(path) if not name.startswith("recsys_spark.nn")] == []
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "models").glob("*.py")), ids=lambda p: p.name)
 def test_a_model_module_imports_no_other_model(path):
     shared = {"recsys_spark.models.base", "recsys_spark.models.torch_base", "recsys_spark.models.sequence_base",
-              "recsys_spark.models.registry"}
+              "recsys_spark.models.field_base", "recsys_spark.models.registry"}
     others = [name for _, name in _imports(path) if name.startswith("recsys_spark.models") and name not in shared]
     assert not others, others
 

@@ -1,364 +1,62 @@
 """DeepFM (Guo et al. 2017): an FM and an MLP over shared field embeddings, on user and item features.
 
-The network is ``recsys_spark.nn.deepfm``; its input is the feature tables (``recsys-spark features``)
-laid out by ``recsys_spark.data.feature_spec``. Training (:class:`DeepFMTask`): ``user_idx``, ``item_idx``
-and ``fields`` (the query block, then the item block) per positive pair, as ``field_frame`` builds them.
-Negatives are items drawn inside ``loss`` (uniform or popularity); the task holds the item block of every
-item (``item_fields`` [n_items, Fi]) and swaps it in for the positive's, keeping the query block. With
-``id_dropout`` > 0 a row's user is made cold with that probability (its id and the fields that grow with
-use, ``FeatureSpec.history_fields``, read 0 = unknown, for the positive and its negatives alike), and
-each item's id independently: the model also learns to score from side features alone, which is exactly
-what a cold user or item gets at inference.
-
-Scoring, one path for validation and serving: :func:`score_catalogue` (every item for each query
-block, by blocks of items) and :func:`score_candidates` (re-ranking another model's lists, optionally
-fused with their order).
+The network is ``recsys_spark.nn.deepfm``. Its input, training task (sampled negatives by swapping the
+item block, id dropout for cold users and items) and scoring (the whole catalogue, or re-ranking another
+model's ``candidates``) are those of every field model: ``recsys_spark.models.field_base``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 
-import numpy as np
-import pandas as pd
-import torch
-from pydantic import Field, field_validator
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
-from torch import Tensor, nn
+from pydantic import Field
 
-from recsys_spark import tables as tb
-from recsys_spark.config import Section
-from recsys_spark.data.feature_spec import (
-    FeatureSpec,
-    assemble,
-    field_frame,
-    item_field_matrix,
-    load_feature_spec,
+from recsys_spark.models.field_base import (
+    CANDIDATES,
+    ITEM_FIELDS_FILE,
+    MAX_PAIRS,
+    FieldNetParams,
+    FieldParams,
+    FieldRecommender,
+    FieldTask,
+    score_candidates,
+    score_catalogue,
 )
-from recsys_spark.errors import RecsysError
-from recsys_spark.models.torch_base import TorchParams, TorchRecommender
 from recsys_spark.nn.deepfm import DeepFM
-from recsys_spark.scoring import executor_module, top_k_from_scores
-from recsys_spark.train import losses
-from recsys_spark.train.task import Holdout, SampledTask
-from recsys_spark.train.trainer import TrainConfig
 
-log = logging.getLogger(__name__)
-
-ITEM_FIELDS_FILE = "item_fields.npy"
-CANDIDATES = "_candidates"  # (user_idx, _candidates array<int>): a candidate model's list, best first
-# Every (query, item) pair runs through the MLP: at most this many pairs per forward pass.
-MAX_PAIRS = 1 << 16
+# Re-exported: the scoring helpers and file names were defined here before field_base existed.
+__all__ = ["CANDIDATES", "ITEM_FIELDS_FILE", "MAX_PAIRS", "DeepFMNetParams", "DeepFMParams", "DeepFMRecommender",
+           "DeepFMTask", "score_candidates", "score_catalogue"]
 
 
-class DeepFMNetParams(Section):
+class DeepFMNetParams(FieldNetParams):
     """DeepFM (Guo et al. 2017). The paper's network: 3 ReLU layers of 200-400 units, embedding size 10,
     dropout 0.5 on Criteo; on data the size of MovieLens-100K a smaller tower overfits less."""
 
     dim: int = Field(64, gt=0, description="embedding size k, shared by FM and the deep part")
-    hidden: list[int] = Field(default_factory=lambda: [200, 200, 200])
-    dropout: float = Field(0.2, ge=0, lt=1)
-    loss: Literal["bce", "bpr"] = "bce"
-    n_negatives: int = Field(4, gt=0, description="sampled negatives per positive")
-    negatives: Literal["uniform", "popularity"] = "uniform"
-    popularity_exponent: float = Field(0.75, ge=0)
-    id_dropout: float = Field(0.1, ge=0, lt=1, description="share of rows whose id fields read as unknown")
-    seed: int = 42
 
     removed_keys: ClassVar[dict[str, str]] = {
         key: f"DeepFM trains with train.{key}" for key in ("lr", "weight_decay", "batch_size", "epochs")}
 
-    @field_validator("hidden")
-    @classmethod
-    def _layers(cls, hidden: list[int]) -> list[int]:
-        # A field validator, so the error names net.hidden, not only net.
-        if any(h <= 0 for h in hidden):
-            raise ValueError("hidden layer sizes must be positive")
-        return hidden
+
+class DeepFMTask(FieldTask):
+    """DeepFM on (user_idx, item_idx, fields) positives, n sampled negatives per positive, BCE (or BPR)."""
+
+    network = DeepFM
 
 
-class DeepFMTask(SampledTask):
-    """DeepFM on (user_idx, item_idx, fields) positives, n sampled negatives per positive, BCE (or BPR).
-
-    ``holdout.inputs`` are query blocks [U, Fq] (``features.query_frame``), ranked against the catalogue.
-    """
-
-    columns = [tb.USER_IDX, tb.ITEM_IDX, tb.FIELDS]
-
-    def __init__(self, params: DeepFMNetParams, spec: FeatureSpec, item_fields: np.ndarray,
-                 item_counts: np.ndarray | None = None, holdout: Holdout | None = None) -> None:
-        item_fields = np.asarray(item_fields, dtype=np.int64)
-        if item_fields.ndim != 2 or item_fields.shape[1] != len(spec.item_fields):
-            raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
-        super().__init__(params.seed, item_fields.shape[0], item_counts, params.popularity_exponent, holdout)
-        self.params, self.spec, self.item_fields = params, spec, item_fields
-        self.cold_user_positions = spec.positions(spec.history_fields)
-        self.item_id_positions = spec.positions([tb.ITEM_IDX])
-        self._item_tables: dict[torch.device, Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_item_tables"] = {}
-        return state
-
-    def build_model(self) -> nn.Module:
-        p = self.params
-        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
-            torch.manual_seed(p.seed)
-            return DeepFM(self.spec.sizes, n_numeric=len(self.spec.numeric), dim=p.dim, hidden=p.hidden,
-                          dropout=p.dropout)
-
-    def items_on(self, device: torch.device) -> Tensor:
-        """The item blocks of all items on ``device`` [n_items, Fi] (moved once per device)."""
-        device = torch.device(device)
-        if device not in self._item_tables:
-            self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
-        return self._item_tables[device]
-
-    def _make_cold(self, rows: Tensor) -> Tensor:
-        """rows [B, 1 + n, F] with, at rate ``id_dropout``, each group's user made cold (its history
-        fields 0 in all 1 + n rows) and each row's item id 0."""
-        p = self.params.id_dropout
-        if p <= 0:
-            return rows
-        g = self.generator(rows.device)
-        rows = rows.clone()
-        cold_user = torch.rand(rows.shape[0], 1, 1, generator=g, device=rows.device) < p  # [B, 1, 1]
-        users = rows[..., self.cold_user_positions]  # [B, 1 + n, Pu]
-        rows[..., self.cold_user_positions] = torch.where(cold_user, torch.zeros_like(users), users)
-        cold_item = torch.rand(rows.shape[:2] + (1,), generator=g, device=rows.device) < p  # [B, 1 + n, 1]
-        items = rows[..., self.item_id_positions]  # [B, 1 + n, Pi]
-        rows[..., self.item_id_positions] = torch.where(cold_item, torch.zeros_like(items), items)
-        return rows
-
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        fields = batch[tb.FIELDS].long()  # [B, F]
-        items = batch[tb.ITEM_IDX].long()  # [B]
-        B, n = fields.shape[0], self.params.n_negatives
-        neg = self.sample(self.params.negatives, (B, n), fields.device, positives=items)  # items [B, n]
-        query = fields[:, : self.spec.n_query]  # [B, Fq]
-        neg_rows = torch.cat([query.unsqueeze(1).expand(B, n, query.shape[1]),
-                              self.items_on(fields.device)[neg.items]], dim=-1)  # [B, n, F]
-        rows = torch.cat([fields.unsqueeze(1), neg_rows], dim=1)  # [B, 1 + n, F], the positive first
-        logits = model(self._make_cold(rows).reshape(B * (1 + n), -1)).view(B, 1 + n)  # one forward
-        loss_fn = losses.bpr if self.params.loss == "bpr" else losses.bce_sampled
-        return loss_fn(logits[:, 0], logits[:, 1:])
-
-    def holdout_scores(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """inputs: the hold-out users' query blocks [U, Fq] -> logits [U, n_items]."""
-        return score_catalogue(model, inputs.long(), self.items_on(inputs.device))
-
-
-def score_catalogue(module: nn.Module, query: Tensor, items: Tensor, max_pairs: int = MAX_PAIRS) -> Tensor:
-    """Logits of every item for each query row: query [U, Fq], items [n_items, Fi] -> [U, n_items], by
-    blocks of items so that at most ``max_pairs`` (query, item) pairs run through the network at once."""
-    block = max(1, max_pairs // max(1, query.shape[0]))
-    return torch.cat([module.score_items(query, items[start:start + block])
-                      for start in range(0, items.shape[0], block)], dim=1)
-
-
-def score_candidates(module: nn.Module, query: Tensor, items: Tensor, candidates, n_items: int,
-                     rrf_k: float | None = None, max_pairs: int = MAX_PAIRS) -> np.ndarray:
-    """Scores [U, n_items] that are -inf except at each row's candidates (item_idx lists of any length,
-    the candidate model's best first), scored by the network: the shared top-k then picks among the
-    candidates only. With ``rrf_k``, a candidate's score is ``1/(rrf_k + its DeepFM rank) + 1/(rrf_k +
-    its rank in the list)`` (ranks from 1; reciprocal-rank fusion, Cormack et al. 2009) instead of the
-    logit."""
-    lists = [np.asarray(c, dtype=np.int64) for c in candidates]
-    width = max((len(c) for c in lists), default=0)
-    out = np.full((len(lists), n_items), -np.inf, dtype=np.float32)
-    if width == 0:
-        return out
-    padded = np.full((len(lists), width), -1, dtype=np.int64)  # [U, C], -1 = no candidate
-    for row, c in enumerate(lists):
-        padded[row, :len(c)] = c
-    cand = torch.as_tensor(padded)
-    block = max(1, max_pairs // width)
-    parts = [module.score_items(query[s:s + block], items[cand[s:s + block].clamp(min=0)])  # [b, C]
-             for s in range(0, len(lists), block)]
-    scores = torch.cat(parts).float().numpy()  # [U, C]
-    valid = padded >= 0
-    if rrf_k is not None:
-        order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")  # best logit first
-        own_rank = np.empty_like(order)
-        np.put_along_axis(own_rank, order, np.arange(1, width + 1)[None, :].repeat(len(lists), 0), axis=1)
-        list_rank = np.arange(1, width + 1)[None, :]
-        scores = (1.0 / (rrf_k + own_rank) + 1.0 / (rrf_k + list_rank)).astype(np.float32)  # [U, C]
-    rows, cols = np.nonzero(valid)
-    out[rows, padded[rows, cols]] = scores[rows, cols]
-    return out
-
-
-class DeepFMParams(TorchParams):
-    """DeepFM over ``silver/user_features`` and ``silver/item_features`` (``recsys-spark features``).
-
-    ``candidates``: re-rank the top ``candidates_k`` of that model's rows of gold/recommendations for the
-    same run date instead of scoring the whole catalogue (the two-stage design: a cheap model retrieves,
-    DeepFM ranks); the candidate model must recommend first."""
+class DeepFMParams(FieldParams):
+    """DeepFM over the feature tables; ``candidates``: re-rank that model's top ``candidates_k`` (see
+    ``FieldParams``)."""
 
     net: DeepFMNetParams = DeepFMNetParams()
-    train: TrainConfig = TrainConfig(epochs=30, batch_size=512, lr=0.001, optimizer="adam", schedule="constant",
-                                     early_stopping_metric="ndcg@10", patience=3, validate_every_steps=100)
-    candidates: str | None = Field(None, description="model whose gold/recommendations rows are re-ranked")
-    candidates_k: int = Field(100, gt=0, description="candidates per user: the candidate model's top ranks")
-    fusion: Literal["none", "rrf"] = Field(
-        "none", description="with candidates: none = DeepFM's order alone; rrf = reciprocal-rank fusion "
-                            "(Cormack et al. 2009) of DeepFM's rank and the candidate model's rank")
-    rrf_k: float = Field(60.0, gt=0, description="rrf: score = 1/(rrf_k + rank) summed over both rankings")
-    max_catalogue: int = Field(50_000, gt=0, description="largest catalogue scored in full without candidates")
 
 
-class DeepFMRecommender(TorchRecommender):
+class DeepFMRecommender(FieldRecommender):
     """DeepFM (Guo et al. 2017) on user and item features, trained on the train pairs with sampled
-    negatives (``DeepFMTask``).
-
-    Reads ``silver/user_features``, ``silver/item_features`` and ``silver/feature_vocab`` under
-    ``warehouse`` (the pipeline sets it; ``recsys-spark features`` builds them). The field layout
-    (``FeatureSpec``, with the user and item ids as fields) and the item block of every item are saved
-    with the model; the user block is read from the warehouse when recommending, so users indexed after
-    training, and users without train interactions (side-file users), are cold: their id and activity
-    fields read as unknown (0), which id dropout trained the model for, and their side features rank.
-    ``known_users`` are the users with a feature row (and, with ``candidates``, candidates); the
-    pipeline's popularity fallback serves the rest.
-
-    Recommending ranks the whole catalogue (up to ``max_catalogue`` items: every pair goes through the
-    network) or, with ``candidates``, only that model's top ``candidates_k`` for the user.
-    """
+    negatives (``DeepFMTask``); reading, cold users, candidates and persistence: ``FieldRecommender``."""
 
     name = "deepfm"
     network = DeepFM
     params_class = DeepFMParams
-
-    def __init__(self, params: DeepFMParams | None = None) -> None:
-        super().__init__(params)
-        self.spec: FeatureSpec | None = None
-        self.item_fields: np.ndarray | None = None  # [n_items, len(spec.item_fields)], row item_idx
-
-    def _need_warehouse(self) -> str:
-        if not self.warehouse:
-            raise RecsysError("deepfm reads the feature tables (and candidates) under the warehouse: set "
-                              "model.warehouse (the pipeline does) and run `recsys-spark features` first")
-        return self.warehouse
-
-    def _user_features(self, spark: SparkSession) -> DataFrame:
-        return tb.read(spark, self._need_warehouse(), tb.USER_FEATURES)
-
-    def _fit(self, train: DataFrame) -> None:
-        spark = train.sparkSession
-        warehouse = self._need_warehouse()
-        self.spec = load_feature_spec(spark, warehouse, include_ids=True)
-        n_catalogue = self.spec.cardinalities[tb.ITEM_IDX] - 1
-        self.item_fields = item_field_matrix(tb.read(spark, warehouse, tb.ITEM_FEATURES), self.spec, n_catalogue)
-        super()._fit(train)
-
-    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
-        if n_items > len(self.item_fields):
-            raise RecsysError(f"the train split has item_idx {n_items - 1}, past silver/item_features' "
-                              f"{len(self.item_fields)} items: rebuild the features (`recsys-spark features`)")
-        return max(n_users, self.spec.cardinalities[tb.USER_IDX] - 1), len(self.item_fields)
-
-    def _training_data(self, train: DataFrame):
-        spark = train.sparkSession
-        fit_rows, held = self._hold_out_last(train)
-        item_features = tb.read(spark, self.warehouse, tb.ITEM_FEATURES)
-        frame = field_frame(fit_rows, self._user_features(spark), item_features, self.spec)
-        holdout = None
-        if held is not None:
-            # Validation users have other train rows: their query block keeps their id.
-            queries = self._queries(spark.createDataFrame(held[[tb.USER_IDX]].astype("int32")), trained=None)
-            by_user = {r[tb.USER_IDX]: list(r[tb.FIELDS]) for r in queries.collect()}
-            held = held[held[tb.USER_IDX].isin(list(by_user))].reset_index(drop=True)
-            if len(held):
-                inputs = np.array([by_user[u] for u in held[tb.USER_IDX]], dtype=np.int64)  # [U, Fq]
-                holdout = self._holdout(inputs, held)
-        return frame, holdout
-
-    def _task(self, item_counts, holdout):
-        return DeepFMTask(self.params.net, self.spec, self.item_fields, item_counts, holdout)
-
-    def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
-        """(user_idx, fields): the query block of each of ``users`` that has a feature row. Users not in
-        ``trained`` (None: all are) are cold: their id and activity fields read as unknown (0), so they
-        are scored from their side features, as the id-dropout rows of training were."""
-        spark = users.sparkSession
-        rows = (self._user_features(spark).filter(F.col(tb.USER_IDX).isNotNull())
-                .join(users.select(tb.USER_IDX), tb.USER_IDX, "left_semi"))
-        missing = [f for f in self.spec.user_fields if f not in rows.columns]
-        if missing:
-            raise RecsysError(f"silver/user_features lacks the fields {missing} this deepfm model was trained "
-                              "with: rebuild the features with the same side files")
-        if trained is None:
-            rows = rows.withColumn("_trained", F.lit(True))
-        else:
-            rows = rows.join(trained.select(tb.USER_IDX).withColumn("_trained", F.lit(True)), tb.USER_IDX, "left")
-        rows = rows.withColumn("_user", F.col(tb.USER_IDX))
-        for name in self.spec.history_fields:  # as id dropout trained: id and activity unknown (null -> 0)
-            rows = rows.withColumn(name, F.when(F.col("_trained"), F.col(name)))
-        return rows.select(F.col("_user").alias(tb.USER_IDX), assemble(self.spec.user_fields))
-
-    def _candidate_lists(self, spark: SparkSession) -> DataFrame:
-        """(user_idx, _candidates array<int>, best first): the candidate model's top ``candidates_k`` of ``run_date``
-        (the latest run date of that model when unset) from gold/recommendations."""
-        p: DeepFMParams = self.params
-        warehouse = self._need_warehouse()
-        recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).filter(F.col(tb.MODEL) == p.candidates)
-        day = self.run_date or recs.agg(F.max(tb.RUN_DATE)).first()[0]
-        recs = recs.filter((F.col(tb.RUN_DATE) == F.lit(day)) & (F.col(tb.RANK) <= p.candidates_k))
-        if day is None or recs.limit(1).count() == 0:
-            raise RecsysError(f"deepfm re-ranks the recommendations of {p.candidates!r}, but "
-                              f"{tb.RECOMMENDATIONS} has none for run date {day}: recommend with "
-                              f"{p.candidates} first (the pipeline does when both are in models)")
-        users, items = tb.read(spark, warehouse, tb.USER_INDEX), tb.read(spark, warehouse, tb.ITEM_INDEX)
-        pairs = recs.join(users, tb.USER_ID).join(items, tb.ITEM_ID).filter(F.col(tb.ITEM_IDX) < self.n_items)
-        ranked = F.sort_array(F.collect_list(F.struct(tb.RANK, tb.ITEM_IDX)))  # the candidate model's order
-        return pairs.groupBy(tb.USER_IDX).agg(ranked[tb.ITEM_IDX].alias(CANDIDATES))
-
-    def known_users(self) -> DataFrame:
-        if not self.warehouse:
-            return self._users
-        spark = self._users.sparkSession
-        known = self._user_features(spark).filter(F.col(tb.USER_IDX).isNotNull()).select(tb.USER_IDX).distinct()
-        if self.params.candidates:
-            known = known.join(self._candidate_lists(spark), tb.USER_IDX, "left_semi")
-        return known
-
-    def _recommend(self, users, k, seen, exclude_items):
-        spark = users.sparkSession
-        p: DeepFMParams = self.params
-        network = self._broadcast_network(spark)
-        table = spark.sparkContext.broadcast(self.item_fields)
-        n_items = self.n_items
-        queries = self._queries(users, trained=self._users)
-        if p.candidates:
-            queries = queries.join(self._candidate_lists(spark), tb.USER_IDX)  # others: no rows
-        elif n_items > p.max_catalogue:
-            raise RecsysError(f"deepfm would score all {n_items} items per user (max_catalogue="
-                              f"{p.max_catalogue}): re-rank another model's top-N with candidates=<model>")
-        with_candidates = bool(p.candidates)
-        rrf_k = p.rrf_k if p.fusion == "rrf" else None
-
-        def scores(part: pd.DataFrame) -> np.ndarray:
-            module = executor_module(network)
-            items = torch.from_numpy(table.value)  # [n_items, Fi]
-            query = torch.as_tensor(np.stack(part[tb.FIELDS].to_numpy()).astype(np.int64))  # [U, Fq]
-            with torch.no_grad():
-                if not with_candidates:
-                    return score_catalogue(module, query, items).float().numpy()  # [U, n_items]
-                return score_candidates(module, query, items, part[CANDIDATES].to_numpy(), n_items, rrf_k=rrf_k)
-
-        return top_k_from_scores(queries, scores, np.arange(n_items, dtype=np.int32), k, seen, exclude_items,
-                                 self.users_per_block)
-
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"feature_spec": self.spec.to_dict(), "warehouse": self.warehouse}
-
-    def _save_extra(self, path: str) -> None:
-        np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
-
-    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        self.spec = FeatureSpec.from_dict(meta["feature_spec"])
-        self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
-        self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)
+    task_class = DeepFMTask

@@ -51,6 +51,12 @@ MODELS: dict[str, Entry] = {
     "sasrec": Entry("recsys_spark.models.sasrec:SASRecRecommender"),
     "gru4rec": Entry("recsys_spark.models.gru4rec:GRU4RecRecommender"),
     "deepfm": Entry("recsys_spark.models.deepfm:DeepFMRecommender", features=True, reranks="candidates"),
+    "widedeep": Entry("recsys_spark.models.widedeep:WideDeepRecommender", features=True, reranks="candidates"),
+    "dcn": Entry("recsys_spark.models.dcn:DCNRecommender", features=True, reranks="candidates"),
+    "two_tower": Entry("recsys_spark.models.two_tower:TwoTowerRecommender", features=True),
+    "multvae": Entry("recsys_spark.models.multvae:MultVAERecommender", fold_in=True),
+    "twostage": Entry("recsys_spark.models.twostage:TwoStageRecommender", features=True),
+    "lightfm": Entry("recsys_spark.models.lightfm:LightFMRecommender", features=True),
 }
 
 

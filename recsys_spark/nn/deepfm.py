@@ -2,7 +2,8 @@
 
 Input: ``fields`` [B, F] int, the encoded value of each categorical field (``recsys_spark.data.features``:
 index 0 = unknown/missing in every field), and optionally ``numeric`` [B, N] floats. Values at or past
-a field's cardinality (a vocabulary grown after the model was built) are read as 0, unknown.
+a field's cardinality (a vocabulary grown after the model was built) are read as 0, unknown. The field
+embeddings and first-order weights are ``recsys_spark.nn.fields`` (shared with Wide&Deep and DCN).
 
 Each categorical field f has its own embedding table; all fields share one dimension k, so the FM and
 the deep part read the *same* embeddings (the paper's shared input, section 2.1). For the active value
@@ -24,60 +25,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from recsys_spark.nn.fields import FieldNetwork, mlp
 
 
-class DeepFM(nn.Module):
+class DeepFM(FieldNetwork):
     def __init__(self, cardinalities: Sequence[int], n_numeric: int = 0, dim: int = 10,
                  hidden: Sequence[int] = (200, 200, 200), dropout: float = 0.0) -> None:
         super().__init__()
-        cardinalities = [int(c) for c in cardinalities]
-        if not cardinalities or min(cardinalities) < 1:
-            raise ValueError(f"need at least one field, each of cardinality >= 1, got {cardinalities}")
+        cardinalities = self._build_fields(cardinalities, n_numeric, dim)  # V, w, v_j, w_j, b
         self.init_kwargs = {"cardinalities": cardinalities, "n_numeric": n_numeric, "dim": dim,
                             "hidden": [int(h) for h in hidden], "dropout": dropout}
-        self.n_fields, self.n_numeric, self.dim = len(cardinalities), n_numeric, dim
-        # All fields' tables stacked in one: field f's value x is row offsets[f] + x.
-        offsets = torch.tensor([0, *cardinalities[:-1]]).cumsum(0)
-        self.register_buffer("offsets", offsets, persistent=False)  # [F]
-        self.register_buffer("sizes", torch.tensor(cardinalities), persistent=False)  # [F]
-        total = sum(cardinalities)
-        self.embedding = nn.Embedding(total, dim)  # V: every field's latent vectors
-        self.weight = nn.Embedding(total, 1)  # w: first-order weights
-        self.numeric_embedding = nn.Parameter(torch.empty(n_numeric, dim))  # v_j [N, k]
-        self.numeric_weight = nn.Parameter(torch.zeros(n_numeric))  # w_j [N]
-        self.bias = nn.Parameter(torch.zeros(()))
-        nn.init.normal_(self.embedding.weight, std=0.01)
-        nn.init.normal_(self.numeric_embedding, std=0.01)
-        nn.init.zeros_(self.weight.weight)
-
-        layers: list[nn.Module] = []
-        width = (self.n_fields + n_numeric) * dim
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = size
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = mlp((self.n_fields + n_numeric) * dim, hidden, dropout)
 
     def embed(self, fields: Tensor, numeric: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """fields [B, F] (+ numeric [B, N]) -> (first-order sum Σ w [B], field vectors e [B, F + N, k])."""
-        if fields.shape[-1] != self.n_fields:
-            raise ValueError(f"expected {self.n_fields} fields, got {fields.shape[-1]}")
-        fields = fields.long()
-        fields = torch.where((fields >= 0) & (fields < self.sizes), fields, 0)  # unseen -> unknown
-        rows = fields + self.offsets  # [B, F]
-        first = self.weight(rows).squeeze(-1).sum(-1)  # [B]
-        vectors = self.embedding(rows)  # [B, F, k]
-        if self.n_numeric:
-            if numeric is None or numeric.shape[-1] != self.n_numeric:
-                raise ValueError(f"expected numeric [B, {self.n_numeric}]")
-            x = numeric.to(vectors.dtype)  # [B, N]
-            first = first + x @ self.numeric_weight  # [B]
-            vectors = torch.cat([vectors, x.unsqueeze(-1) * self.numeric_embedding], dim=1)  # [B, F + N, k]
-        return first, vectors
+        rows = self.rows(fields)  # [B, F]
+        return self.linear(rows, numeric), self.field_vectors(rows, numeric)
 
     @staticmethod
     def fm_second_order(vectors: Tensor) -> Tensor:
@@ -92,16 +57,3 @@ class DeepFM(nn.Module):
         y_fm = self.bias + first + self.fm_second_order(vectors)  # [B]
         y_dnn = self.mlp(vectors.flatten(1)).squeeze(-1)  # [B, m * k] -> [B]
         return y_fm + y_dnn
-
-    def score_items(self, query: Tensor, items: Tensor, numeric: Tensor | None = None) -> Tensor:
-        """Logits of pairing each query row with items.
-
-        query [U, Fq] (the fields before the item block), items [C, Fi] (the same C items for every query
-        row) or [U, C, Fi] (per-row candidates), Fq + Fi = F; numeric [U, N] or None -> logits [U, C].
-        """
-        U, C = query.shape[0], items.shape[-2]
-        if items.dim() == 2:
-            items = items.unsqueeze(0).expand(U, C, items.shape[-1])  # [U, C, Fi]
-        rows = torch.cat([query.unsqueeze(1).expand(U, C, query.shape[-1]), items], dim=-1)  # [U, C, F]
-        num = None if numeric is None else numeric.unsqueeze(1).expand(U, C, numeric.shape[-1]).reshape(U * C, -1)
-        return self(rows.reshape(U * C, -1), num).view(U, C)

@@ -67,12 +67,20 @@ class _NCF(nn.Module):
 
 
 class GMF(_NCF):
-    """Generalised matrix factorisation: ``logit = hᵀ(p_u ⊙ q_i) + b``."""
+    """Generalised matrix factorisation: ``logit = hᵀ(p_u ⊙ q_i) + b``.
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 16) -> None:
+    ``metric="distance"`` scores by ``logit = -||p_u - q_i||²`` instead (collaborative metric learning,
+    Hsieh et al. 2017): what a model trained with the triplet loss on distances must rank by; h and b
+    are then unused."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 16, metric: str = "dot") -> None:
         super().__init__()
+        if metric not in ("dot", "distance"):
+            raise ValueError(f"metric must be dot or distance, got {metric!r}")
         self.init_kwargs = {"n_users": n_users, "n_items": n_items, "dim": dim}
-        self.n_users, self.n_items = n_users, n_items
+        if metric != "dot":  # kept out of the dot model's init_kwargs, so its checkpoints stay as they were
+            self.init_kwargs["metric"] = metric
+        self.n_users, self.n_items, self.metric = n_users, n_items, metric
         self.user_emb = nn.Embedding(n_users, dim)  # p_u
         self.item_emb = nn.Embedding(n_items, dim)  # q_i
         self.out = nn.Linear(dim, 1)  # h, b
@@ -84,16 +92,26 @@ class GMF(_NCF):
         return self.user_emb(users) * self.item_emb(items)
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        if self.metric == "distance":
+            p, q = torch.broadcast_tensors(self.user_emb(users), self.item_emb(items))  # [*, dim] each
+            return -(p - q).pow(2).sum(-1)  # [*]: -||p_u - q_i||²
         return self.out(self.features(users, items)).squeeze(-1)  # [*, dim] -> [*]
 
     @torch.no_grad()
     def score_all(self, users: Tensor, max_pairs: int = 1 << 20) -> Tensor:
-        """Exact shortcut for GMF: (p_u ⊙ h) @ Qᵀ + b, users [B] -> [B, n_items]."""
+        """Exact shortcut for GMF: (p_u ⊙ h) @ Qᵀ + b, users [B] -> [B, n_items] (for the distance
+        metric: -(||p_u||² - 2 p_u·q_i + ||q_i||²))."""
+        if self.metric == "distance":
+            p, q = self.user_emb(users), self.item_emb.weight  # [B, dim], [n_items, dim]
+            return -(p.pow(2).sum(-1, keepdim=True) - 2 * p @ q.T + q.pow(2).sum(-1))  # [B, n_items]
         u = self.user_emb(users) * self.out.weight[0]  # [B, dim]
         return u @ self.item_emb.weight.T + self.out.bias  # [B, n_items]
 
-    def user_item_embeddings(self) -> tuple[Tensor, Tensor]:
-        """(p_u ⊙ h [n_users, dim], q_i [n_items, dim]): their dot product is the logit minus the bias."""
+    def user_item_embeddings(self) -> tuple[Tensor, Tensor] | None:
+        """(p_u ⊙ h [n_users, dim], q_i [n_items, dim]): their dot product is the logit minus the bias.
+        None for the distance metric, whose score is no dot product."""
+        if self.metric == "distance":
+            return None
         with torch.no_grad():
             return self.user_emb.weight * self.out.weight[0], self.item_emb.weight.clone()
 

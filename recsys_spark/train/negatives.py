@@ -130,3 +130,53 @@ def in_batch(positives: Tensor, probs: Tensor | None = None) -> Negatives:
     mask = items != positives.unsqueeze(1)  # [B, B]
     log_q = torch.log(probs.to(positives.device)[items]) if probs is not None else None
     return Negatives(items, log_q, mask)
+
+
+def top_non_positives(scores: Tensor, seen_indptr: np.ndarray, seen_items: np.ndarray, n_hard: int) -> Tensor:
+    """Hard negatives: each row's ``n_hard`` highest-scoring items that are not among its positives.
+
+    ``scores`` [U, n_items] (a model's scores of the whole catalogue for U users); the positives are a CSR
+    (``seen_indptr`` [U + 1], ``seen_items``) over the same rows. Returns item indices [U, n_hard], best
+    first (ties: the smaller item index, a stable sort); a row with fewer than ``n_hard`` non-positives
+    is padded with ``PAD_IDX = -1``. ``scores`` is modified in place.
+    """
+    n_rows, n_items = scores.shape
+    rows = np.repeat(np.arange(n_rows), np.diff(seen_indptr))
+    device = scores.device
+    scores[torch.as_tensor(rows, device=device), torch.as_tensor(seen_items, device=device)] = -torch.inf
+    k = min(n_hard, n_items)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # [U, k]
+    top = torch.where(torch.isfinite(scores.gather(1, order)), order, torch.full_like(order, -1))
+    if k < n_hard:
+        top = torch.cat([top, torch.full((n_rows, n_hard - k), -1, dtype=top.dtype, device=device)], dim=1)
+    return top
+
+
+def from_candidates(candidates: Tensor, users: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw ``n`` items per row uniformly from each user's own candidate list, with replacement.
+
+    ``candidates`` [n_users, m] int64: row u holds user u's candidates first, then ``PAD_IDX = -1``
+    padding (hard negatives of :func:`top_non_positives`; viewed-but-not-bought items). ``users`` [B].
+    Returns (items [B, n], usable [B, n] bool): a user with no candidate gets ``usable`` False (its items
+    are 0 and must not be used).
+    """
+    device = generator.device
+    rows = candidates.to(device)[users.long().to(device)]  # [B, m]
+    counts = (rows >= 0).sum(-1, keepdim=True)  # [B, 1]
+    u = torch.rand((rows.shape[0], n), generator=generator, device=device)  # [B, n]
+    pick = (u * counts).long().clamp(max=max(rows.shape[1] - 1, 0))  # [B, n], uniform in 0..count-1
+    items = rows.gather(1, pick) if rows.shape[1] else torch.zeros_like(pick)
+    usable = (counts > 0).expand_as(items) & (items >= 0)
+    return items.clamp(min=0), usable
+
+
+def mix(base: Negatives, items: Tensor, usable: Tensor, share: float, generator: torch.Generator,
+        positives: Tensor | None = None) -> Negatives:
+    """``base`` negatives with, at rate ``share``, each position replaced by ``items`` where ``usable``
+    (and, given ``positives`` [B], where the item is not the row's positive). ``log_q`` is dropped: the
+    mixture's proposal probabilities are not tracked, so use it with bce, bpr, margin or triplet, not
+    with a log-Q corrected softmax."""
+    take = (torch.rand(base.items.shape, generator=generator, device=generator.device) < share) & usable
+    if positives is not None:
+        take &= items != _expand_positives(positives.to(items.device), tuple(items.shape))
+    return Negatives(torch.where(take, items, base.items), None, base.mask)

@@ -62,6 +62,10 @@ class TrainTask(Protocol):
     ``validate(model)``: metrics on the validation data, higher is better (e.g. ``{"ndcg@10": 0.1}``),
     or ``{}``. Runs on rank 0 only, in eval mode under ``torch.no_grad``, with the unwrapped model.
 
+    Optionally ``start_epoch(model, epoch)``: called on every rank before each epoch's first batch (after
+    the epoch's seeding), with the unwrapped model, e.g. to refresh hard negatives from the current
+    weights (NCF's ``negatives: hard``). It must not change the weights and must do the same on every rank.
+
     ``build_model()`` returns the network; when it carries ``init_kwargs`` (its constructor arguments
     as JSON, as every network of ``recsys_spark.nn`` does), they are recorded in each checkpoint and a
     resume from a checkpoint of another architecture is refused.
@@ -227,6 +231,9 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
             started = time.perf_counter()
             seed_everything(rank_seed(config.seed, ctx.rank, epoch))
             generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx.rank, epoch, 1))
+            start_epoch = getattr(task, "start_epoch", None)
+            if start_epoch is not None:
+                start_epoch(model, epoch)
             loss_sum = torch.zeros((), device=ctx.device)
             for step, batch in enumerate(batches(shard, rank_batch, steps_per_epoch, generator)):
                 lr = config.lr * lr_factor(epoch * steps_per_epoch + step, total_steps, config)

@@ -1,0 +1,63 @@
+"""The two-stage model's training set on a tiny planted example: candidates from the model fitted before
+the label period, labels and features from the right periods (no leakage)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from recsys_spark import tables as tb
+from recsys_spark.models.twostage import LABEL, TwoStageParams, TwoStageRecommender, feature_names
+
+pytestmark = pytest.mark.spark
+
+DAY0 = dt.datetime(2026, 1, 1)
+LATE = 8  # in every user's label period, never before it: a model fitted on all train would rank it first
+
+
+def _train(spark):
+    """Users 0..5: early items 0, 1, 2 (days 1-3) and item 3 for user 0 (day 4); label period (the last
+    two items, days 10-11): item LATE for everyone, item 3 for users 1..5."""
+    rows = []
+    for user in range(6):
+        for day, item in enumerate([0, 1, 2], start=1):
+            rows.append((user, item, 1.0, DAY0 + dt.timedelta(days=day)))
+        if user == 0:
+            rows.append((user, 3, 1.0, DAY0 + dt.timedelta(days=4)))
+            rows.append((user, 4, 1.0, DAY0 + dt.timedelta(days=10)))
+        else:
+            rows.append((user, 3, 1.0, DAY0 + dt.timedelta(days=10)))
+        rows.append((user, LATE, 1.0, DAY0 + dt.timedelta(days=11)))
+    return spark.createDataFrame(rows, f"{tb.USER_IDX} int, {tb.ITEM_IDX} int, {tb.WEIGHT} float, "
+                                       f"{tb.LAST_TS} timestamp")
+
+
+def test_candidates_come_from_before_and_labels_from_the_label_period(spark):
+    params = TwoStageParams(candidates="popularity", candidates_k=10, label_items=2, cold_share=0.0)
+    rows, x, history = TwoStageRecommender(params).training_examples(_train(spark))
+    # The candidate model saw the early part only: the label-period item is no candidate, and a user's
+    # early items are filtered (user 0 already has item 3).
+    assert set(rows[tb.ITEM_IDX]) == {3}
+    assert set(rows[tb.USER_IDX]) == {1, 2, 3, 4, 5}
+    # Labels: item 3 is in the label period of users 1..5.
+    assert (rows[LABEL] == 1).all()
+    # Features from the early part: item 3 had one user (user 0) before the label period, not six.
+    names, _ = feature_names(history)
+    assert np.allclose(x[:, names.index("item_log_users")], np.log1p(1.0))
+    assert np.allclose(x[:, names.index("user_log_items")], np.log1p(3.0))
+
+
+def test_a_candidate_outside_the_label_period_is_labelled_0(spark):
+    params = TwoStageParams(candidates="popularity", candidates_k=10, label_items=1, cold_share=0.0)
+    rows, _, _ = TwoStageRecommender(params).training_examples(_train(spark))
+    # With one label item (LATE), item 3 moves to users 1..5's early part and item 4 to user 0's: the
+    # candidates are the early items each user lacks, none of them LATE, so no label is 1.
+    assert LATE not in set(rows[tb.ITEM_IDX]) and len(rows) > 0
+    assert (rows[LABEL] == 0).all()
+
+
+def test_an_unregistered_candidate_model_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown candidate model 'nope'"):
+        TwoStageParams(candidates="nope")
