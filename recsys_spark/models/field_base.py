@@ -85,7 +85,34 @@ class FieldNetParams(Section):
         return {"dim": self.dim, "hidden": self.hidden, "dropout": self.dropout}
 
 
-class FieldTask(SampledTask):
+class FeatureTask(SampledTask):
+    """A training task over the feature tables: it holds every item's block of fields (``item_fields``
+    [n_items, Fi], row item_idx) and serves it on each device (:meth:`items_on`), where negatives (or the
+    whole catalogue) are looked up."""
+
+    def __init__(self, seed: int, spec: FeatureSpec, item_fields: np.ndarray, item_counts: np.ndarray | None,
+                 exponent: float, holdout: Holdout | None) -> None:
+        item_fields = np.asarray(item_fields, dtype=np.int64)
+        if item_fields.ndim != 2 or item_fields.shape[1] != len(spec.item_fields):
+            raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
+        super().__init__(seed, item_fields.shape[0], item_counts, exponent, holdout)
+        self.spec, self.item_fields = spec, item_fields
+        self._item_tables: dict[torch.device, Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_item_tables"] = {}
+        return state
+
+    def items_on(self, device: torch.device) -> Tensor:
+        """The item blocks of all items on ``device`` [n_items, Fi] (moved once per device)."""
+        device = torch.device(device)
+        if device not in self._item_tables:
+            self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
+        return self._item_tables[device]
+
+
+class FieldTask(FeatureTask):
     """A field network (``network``, set by the subclass) on (user_idx, item_idx, fields) positives, n
     sampled negatives per positive, BCE (or BPR).
 
@@ -97,32 +124,16 @@ class FieldTask(SampledTask):
 
     def __init__(self, params: FieldNetParams, spec: FeatureSpec, item_fields: np.ndarray,
                  item_counts: np.ndarray | None = None, holdout: Holdout | None = None) -> None:
-        item_fields = np.asarray(item_fields, dtype=np.int64)
-        if item_fields.ndim != 2 or item_fields.shape[1] != len(spec.item_fields):
-            raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
-        super().__init__(params.seed, item_fields.shape[0], item_counts, params.popularity_exponent, holdout)
-        self.params, self.spec, self.item_fields = params, spec, item_fields
+        super().__init__(params.seed, spec, item_fields, item_counts, params.popularity_exponent, holdout)
+        self.params = params
         self.cold_user_positions = spec.positions(spec.history_fields)
         self.item_id_positions = spec.positions([tb.ITEM_IDX])
-        self._item_tables: dict[torch.device, Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_item_tables"] = {}
-        return state
 
     def build_model(self) -> nn.Module:
         p = self.params
         with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
             torch.manual_seed(p.seed)
             return self.network(self.spec.sizes, n_numeric=len(self.spec.numeric), **p.network_kwargs(self.spec))
-
-    def items_on(self, device: torch.device) -> Tensor:
-        """The item blocks of all items on ``device`` [n_items, Fi] (moved once per device)."""
-        device = torch.device(device)
-        if device not in self._item_tables:
-            self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
-        return self._item_tables[device]
 
     def _make_cold(self, rows: Tensor) -> Tensor:
         """rows [B, 1 + n, F] with, at rate ``id_dropout``, each group's user made cold (its history
@@ -217,36 +228,33 @@ class FieldParams(TorchParams):
     max_catalogue: int = Field(50_000, gt=0, description="largest catalogue scored in full without candidates")
 
 
-class FieldRecommender(TorchRecommender):
-    """A field network on user and item features, trained on the train pairs with sampled negatives
-    (``task_class``, a :class:`FieldTask`). Subclasses set ``name``, ``network``, ``params_class`` and
-    ``task_class``.
+class FeatureRecommender(TorchRecommender):
+    """A torch model on the feature tables: what every model that reads them shares (DeepFM, Wide&Deep and
+    DCN through :class:`FieldRecommender`; the two-tower model and LightFM directly).
 
     Reads ``silver/user_features``, ``silver/item_features`` and ``silver/feature_vocab`` under
     ``warehouse`` (the pipeline sets it; ``recsys-spark features`` builds them). The field layout
-    (``FeatureSpec``, with the user and item ids as fields) and the item block of every item are saved
-    with the model; the user block is read from the warehouse when recommending, so users indexed after
-    training, and users without train interactions (side-file users), are cold: their id and activity
-    fields read as unknown (0), which id dropout trained the model for, and their side features rank.
-    ``known_users`` are the users with a feature row (and, with ``candidates``, candidates); the
+    (``FeatureSpec``, with the user and item ids as fields unless :meth:`_include_ids` says otherwise) and
+    the item block of every item are saved with the model; the user block is read from the warehouse when
+    recommending (:meth:`_queries`), so users indexed after training, and users without train interactions
+    (side-file users), are cold: their id and activity fields read as unknown (0), which id dropout trained
+    the model for, and their side features rank. ``known_users`` are the users with a feature row; the
     pipeline's popularity fallback serves the rest.
-
-    Recommending ranks the whole catalogue (up to ``max_catalogue`` items: every pair goes through the
-    network) or, with ``candidates``, only that model's top ``candidates_k`` for the user.
     """
 
-    params_class: ClassVar[type[FieldParams]] = FieldParams
-    task_class: ClassVar[type[FieldTask]] = FieldTask
-
-    def __init__(self, params: FieldParams | None = None) -> None:
+    def __init__(self, params: TorchParams | None = None) -> None:
         super().__init__(params)
         self.spec: FeatureSpec | None = None
         self.item_fields: np.ndarray | None = None  # [n_items, len(spec.item_fields)], row item_idx
 
+    def _include_ids(self) -> bool:
+        """Whether the user and item ids are fields (LightFM's identity features may be switched off)."""
+        return True
+
     def _need_warehouse(self) -> str:
         if not self.warehouse:
-            raise RecsysError(f"{self.name} reads the feature tables (and candidates) under the warehouse: set "
-                              "model.warehouse (the pipeline does) and run `recsys-spark features` first")
+            raise RecsysError(f"{self.name} reads the feature tables under the warehouse: set model.warehouse "
+                              "(the pipeline does) and run `recsys-spark features` first")
         return self.warehouse
 
     def _user_features(self, spark: SparkSession) -> DataFrame:
@@ -255,8 +263,14 @@ class FieldRecommender(TorchRecommender):
     def _fit(self, train: DataFrame) -> None:
         spark = train.sparkSession
         warehouse = self._need_warehouse()
-        self.spec = load_feature_spec(spark, warehouse, include_ids=True)
-        n_catalogue = self.spec.cardinalities[tb.ITEM_IDX] - 1
+        self.spec = load_feature_spec(spark, warehouse, include_ids=self._include_ids())
+        if tb.ITEM_IDX in self.spec.cardinalities:
+            n_catalogue = self.spec.cardinalities[tb.ITEM_IDX] - 1
+        else:  # no id field: the item index says how many items there are
+            top = tb.read(spark, warehouse, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0]
+            if top is None:
+                raise RecsysError(f"{self.name}: {tb.ITEM_INDEX} is empty: run the interactions step first")
+            n_catalogue = top + 1
         self.item_fields = item_field_matrix(tb.read(spark, warehouse, tb.ITEM_FEATURES), self.spec, n_catalogue)
         super()._fit(train)
 
@@ -264,26 +278,7 @@ class FieldRecommender(TorchRecommender):
         if n_items > len(self.item_fields):
             raise RecsysError(f"the train split has item_idx {n_items - 1}, past silver/item_features' "
                               f"{len(self.item_fields)} items: rebuild the features (`recsys-spark features`)")
-        return max(n_users, self.spec.cardinalities[tb.USER_IDX] - 1), len(self.item_fields)
-
-    def _training_data(self, train: DataFrame):
-        spark = train.sparkSession
-        fit_rows, held = self._hold_out_last(train)
-        item_features = tb.read(spark, self.warehouse, tb.ITEM_FEATURES)
-        frame = field_frame(fit_rows, self._user_features(spark), item_features, self.spec)
-        holdout = None
-        if held is not None:
-            # Validation users have other train rows: their query block keeps their id.
-            queries = self._queries(spark.createDataFrame(held[[tb.USER_IDX]].astype("int32")), trained=None)
-            by_user = {r[tb.USER_IDX]: list(r[tb.FIELDS]) for r in queries.collect()}
-            held = held[held[tb.USER_IDX].isin(list(by_user))].reset_index(drop=True)
-            if len(held):
-                inputs = np.array([by_user[u] for u in held[tb.USER_IDX]], dtype=np.int64)  # [U, Fq]
-                holdout = self._holdout(inputs, held)
-        return frame, holdout
-
-    def _task(self, item_counts, holdout):
-        return self.task_class(self.params.net, self.spec, self.item_fields, item_counts, holdout)
+        return max(n_users, self.spec.cardinalities.get(tb.USER_IDX, 1) - 1), len(self.item_fields)
 
     def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
         """(user_idx, fields): the query block of each of ``users`` that has a feature row. Users not in
@@ -305,6 +300,56 @@ class FieldRecommender(TorchRecommender):
             rows = rows.withColumn(name, F.when(F.col("_trained"), F.col(name)))
         return rows.select(F.col("_user").alias(tb.USER_IDX), assemble(self.spec.user_fields))
 
+    def known_users(self) -> DataFrame:
+        if not self.warehouse:
+            return self._users
+        return (self._user_features(self._users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
+                .select(tb.USER_IDX).distinct())
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"feature_spec": self.spec.to_dict(), "warehouse": self.warehouse}
+
+    def _save_extra(self, path: str) -> None:
+        np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
+
+    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
+        self.spec = FeatureSpec.from_dict(meta["feature_spec"])
+        self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
+        self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)
+
+
+class FieldRecommender(FeatureRecommender):
+    """A field network on user and item features, trained on the train pairs with sampled negatives
+    (``task_class``, a :class:`FieldTask`). Subclasses set ``name``, ``network``, ``params_class`` and
+    ``task_class``.
+
+    Recommending ranks the whole catalogue (up to ``max_catalogue`` items: every pair goes through the
+    network) or, with ``candidates``, only that model's top ``candidates_k`` for the user (and
+    ``known_users`` are then the users with a feature row and candidates).
+    """
+
+    params_class: ClassVar[type[FieldParams]] = FieldParams
+    task_class: ClassVar[type[FieldTask]] = FieldTask
+
+    def _training_data(self, train: DataFrame):
+        spark = train.sparkSession
+        fit_rows, held = self._hold_out_last(train)
+        item_features = tb.read(spark, self.warehouse, tb.ITEM_FEATURES)
+        frame = field_frame(fit_rows, self._user_features(spark), item_features, self.spec)
+        holdout = None
+        if held is not None:
+            # Validation users have other train rows: their query block keeps their id.
+            queries = self._queries(spark.createDataFrame(held[[tb.USER_IDX]].astype("int32")), trained=None)
+            by_user = {r[tb.USER_IDX]: list(r[tb.FIELDS]) for r in queries.collect()}
+            held = held[held[tb.USER_IDX].isin(list(by_user))].reset_index(drop=True)
+            if len(held):
+                inputs = np.array([by_user[u] for u in held[tb.USER_IDX]], dtype=np.int64)  # [U, Fq]
+                holdout = self._holdout(inputs, held)
+        return frame, holdout
+
+    def _task(self, item_counts, holdout):
+        return self.task_class(self.params.net, self.spec, self.item_fields, item_counts, holdout)
+
     def _candidate_lists(self, spark: SparkSession) -> DataFrame:
         """(user_idx, _candidates array<int>, best first): the candidate model's top ``candidates_k`` of ``run_date``
         (the latest run date of that model when unset) from gold/recommendations."""
@@ -323,12 +368,9 @@ class FieldRecommender(TorchRecommender):
         return pairs.groupBy(tb.USER_IDX).agg(ranked[tb.ITEM_IDX].alias(CANDIDATES))
 
     def known_users(self) -> DataFrame:
-        if not self.warehouse:
-            return self._users
-        spark = self._users.sparkSession
-        known = self._user_features(spark).filter(F.col(tb.USER_IDX).isNotNull()).select(tb.USER_IDX).distinct()
-        if self.params.candidates:
-            known = known.join(self._candidate_lists(spark), tb.USER_IDX, "left_semi")
+        known = super().known_users()
+        if self.warehouse and self.params.candidates:
+            known = known.join(self._candidate_lists(known.sparkSession), tb.USER_IDX, "left_semi")
         return known
 
     def _recommend(self, users, k, seen, exclude_items):
@@ -357,14 +399,3 @@ class FieldRecommender(TorchRecommender):
 
         return top_k_from_scores(queries, scores, np.arange(n_items, dtype=np.int32), k, seen, exclude_items,
                                  self.users_per_block)
-
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"feature_spec": self.spec.to_dict(), "warehouse": self.warehouse}
-
-    def _save_extra(self, path: str) -> None:
-        np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
-
-    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        self.spec = FeatureSpec.from_dict(meta["feature_spec"])
-        self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
-        self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)

@@ -27,35 +27,32 @@ Serving is a dot product: ``user_factors`` is ``[p_u, b_u, 1]`` and ``item_facto
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 from torch import Tensor, nn
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
-from recsys_spark.data.feature_spec import FeatureSpec, assemble, field_frame, item_field_matrix, load_feature_spec
+from recsys_spark.data.feature_spec import FeatureSpec, field_frame
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.models.field_base import FeatureRecommender, FeatureTask
+from recsys_spark.models.torch_base import TorchParams
 from recsys_spark.nn.lightfm import LightFM
 from recsys_spark.scoring import executor_module, matrix_frame, similar_from_factors, top_k_from_factors
 from recsys_spark.tables import EMBEDDING
 from recsys_spark.train import losses
-from recsys_spark.train.task import Holdout, SampledTask
+from recsys_spark.train.task import Holdout
 from recsys_spark.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
-ITEM_FIELDS_FILE = "item_fields.npy"
-_TRAINED = "_trained"
 _VECTORS_SCHEMA = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType(), False),
                                 T.StructField(EMBEDDING, T.ArrayType(T.FloatType()), False)])
 
@@ -96,7 +93,7 @@ def cold_items_unknown(item_fields: np.ndarray, spec: FeatureSpec, item_counts: 
     return out
 
 
-class LightFMTask(SampledTask):
+class LightFMTask(FeatureTask):
     """LightFM on (user_idx, item_idx, fields) positives (``fields``: the user block, then the item block;
     only the user block is read: the item block comes from ``item_fields``, the table serving uses).
 
@@ -106,33 +103,17 @@ class LightFMTask(SampledTask):
 
     def __init__(self, params: LightFMNetParams, spec: FeatureSpec, item_fields: np.ndarray,
                  item_counts: np.ndarray | None = None, holdout: Holdout | None = None) -> None:
-        item_fields = np.asarray(item_fields, dtype=np.int64)
-        if item_fields.ndim != 2 or item_fields.shape[1] != len(spec.item_fields):
-            raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
-        if item_fields.shape[0] < 2:
+        super().__init__(params.seed, spec, item_fields, item_counts, 0.75, holdout)
+        if self.n_items < 2:
             raise ValueError("lightfm needs at least 2 items to sample negatives")
-        super().__init__(params.seed, item_fields.shape[0], item_counts, 0.75, holdout)
-        self.params, self.spec, self.item_fields = params, spec, item_fields
+        self.params = params
         self.n_user_fields = len(spec.user_fields)
-        self._item_tables: dict[torch.device, Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_item_tables"] = {}
-        return state
 
     def build_model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
             torch.manual_seed(self.params.seed)
             sizes = self.spec.sizes
             return LightFM(sizes[:self.n_user_fields], sizes[self.n_user_fields:], dim=self.params.dim)
-
-    def items_on(self, device: torch.device) -> Tensor:
-        """The item blocks of all items on ``device`` [n_items, Fi] (moved once per device)."""
-        device = torch.device(device)
-        if device not in self._item_tables:
-            self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
-        return self._item_tables[device]
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         p = self.params
@@ -152,7 +133,7 @@ class LightFMTask(SampledTask):
         return model.score_items(inputs.long(), self.items_on(inputs.device))
 
 
-class LightFMRecommender(TorchRecommender):
+class LightFMRecommender(FeatureRecommender):
     """LightFM (Kula 2015) on the identity and side features of users and items (``LightFMTask``).
 
     Reads ``silver/user_features``, ``silver/item_features`` and ``silver/feature_vocab`` under
@@ -166,36 +147,8 @@ class LightFMRecommender(TorchRecommender):
     network = LightFM
     params_class = LightFMParams
 
-    def __init__(self, params: LightFMParams | None = None) -> None:
-        super().__init__(params)
-        self.spec: FeatureSpec | None = None
-        self.item_fields: np.ndarray | None = None  # [n_items, len(spec.item_fields)], row item_idx
-
-    def _need_warehouse(self) -> str:
-        if not self.warehouse:
-            raise RecsysError("lightfm reads the feature tables under the warehouse: set model.warehouse (the "
-                              "pipeline does) and run `recsys-spark features` first")
-        return self.warehouse
-
-    def _user_features(self, spark: SparkSession) -> DataFrame:
-        return tb.read(spark, self._need_warehouse(), tb.USER_FEATURES)
-
-    # -- training -------------------------------------------------------------------------------
-    def _fit(self, train: DataFrame) -> None:
-        spark = train.sparkSession
-        warehouse = self._need_warehouse()
-        self.spec = load_feature_spec(spark, warehouse, include_ids=self.params.net.identity)
-        n_catalogue = tb.read(spark, warehouse, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0]
-        if n_catalogue is None:
-            raise RecsysError(f"lightfm: {tb.ITEM_INDEX} is empty: run the interactions step first")
-        self.item_fields = item_field_matrix(tb.read(spark, warehouse, tb.ITEM_FEATURES), self.spec, n_catalogue + 1)
-        super()._fit(train)
-
-    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
-        if n_items > len(self.item_fields):
-            raise RecsysError(f"the train split has item_idx {n_items - 1}, past {tb.ITEM_INDEX}'s "
-                              f"{len(self.item_fields)} items: rebuild the index and features")
-        return n_users, len(self.item_fields)
+    def _include_ids(self) -> bool:
+        return self.params.net.identity
 
     def _training_data(self, train: DataFrame):
         spark = train.sparkSession
@@ -218,24 +171,6 @@ class LightFMRecommender(TorchRecommender):
         return LightFMTask(self.params.net, self.spec, self.item_fields, item_counts, holdout)
 
     # -- vectors --------------------------------------------------------------------------------
-    def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
-        """(user_idx, fields): the user block of each of ``users`` that has a feature row. Users not in
-        ``trained`` (None: all are) are cold: their identity and activity fields read as unknown (0)."""
-        rows = (self._user_features(users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
-                .join(users.select(tb.USER_IDX), tb.USER_IDX, "left_semi"))
-        missing = [f for f in self.spec.user_fields if f != tb.USER_IDX and f not in rows.columns]
-        if missing:
-            raise RecsysError(f"silver/user_features lacks the fields {missing} this lightfm model was trained "
-                              "with: rebuild the features with the same side files")
-        if trained is None:
-            rows = rows.withColumn(_TRAINED, F.lit(True))
-        else:
-            rows = rows.join(trained.select(tb.USER_IDX).withColumn(_TRAINED, F.lit(True)), tb.USER_IDX, "left")
-        rows = rows.withColumn("_user", F.col(tb.USER_IDX))
-        for name in self.spec.history_fields:  # the fit never saw them: id and activity unknown (null -> 0)
-            rows = rows.withColumn(name, F.when(F.col(_TRAINED), F.col(name)))
-        return rows.select(F.col("_user").alias(tb.USER_IDX), assemble(self.spec.user_fields))
-
     def _user_vectors(self, queries: DataFrame) -> DataFrame:
         """(user_idx, [p_u, b_u, 1]) of (user_idx, fields) rows, on the executors by blocks."""
         network = self._broadcast_network(queries.sparkSession)
@@ -265,8 +200,7 @@ class LightFMRecommender(TorchRecommender):
     def user_factors(self) -> DataFrame:
         """[p_u, b_u, 1] of every user with a feature row (cold ones from their features): dot
         ``item_factors`` = f(u, i)."""
-        users = self._user_features(self._users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
-        return self._user_vectors(self._queries(users.select(tb.USER_IDX), trained=self._users))
+        return self._user_vectors(self._queries(self.known_users(), trained=self._users))
 
     def item_factors(self) -> DataFrame:
         """[q_i, 1, b_i] of every indexed item (cold ones from their features)."""
@@ -278,24 +212,6 @@ class LightFMRecommender(TorchRecommender):
                                                  tb.ITEM_IDX), k, self.users_per_block)
 
     # -- scoring --------------------------------------------------------------------------------
-    def known_users(self) -> DataFrame:
-        if not self.warehouse:
-            return self._users
-        return (self._user_features(self._users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
-                .select(tb.USER_IDX).distinct())
-
     def _recommend(self, users, k, seen, exclude_items):
         vectors = self._user_vectors(self._queries(users, trained=self._users))
         return top_k_from_factors(vectors, self.item_factors(), k, seen, exclude_items, self.users_per_block)
-
-    # -- persistence ----------------------------------------------------------------------------
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"feature_spec": self.spec.to_dict(), "warehouse": self.warehouse}
-
-    def _save_extra(self, path: str) -> None:
-        np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
-
-    def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        self.spec = FeatureSpec.from_dict(meta["feature_spec"])
-        self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
-        self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)

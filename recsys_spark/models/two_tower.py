@@ -42,21 +42,21 @@ from torch import Tensor, nn
 
 from recsys_spark import tables as tb
 from recsys_spark.config import Section
-from recsys_spark.data.feature_spec import FeatureSpec, assemble, item_field_matrix, load_feature_spec
+from recsys_spark.data.feature_spec import FeatureSpec, item_field_matrix
 from recsys_spark.data.sequences import user_sequences
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.torch_base import TorchParams, TorchRecommender
+from recsys_spark.models.field_base import FeatureRecommender, FeatureTask
+from recsys_spark.models.torch_base import TorchParams
 from recsys_spark.nn.two_tower import TwoTower
 from recsys_spark.scoring import executor_module, matrix_frame, top_k_from_factors
 from recsys_spark.train import losses, negatives
-from recsys_spark.train.task import Holdout, SampledTask
+from recsys_spark.train.task import Holdout
 from recsys_spark.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
-ITEM_FIELDS_FILE = "item_fields.npy"
 HISTORIES_DIR = "histories"
-_ITEMS, _POS, _TRAINED, _USER = "_items", "_pos", "_trained", "_user"
+_ITEMS, _POS = "_items", "_pos"
 
 
 class TwoTowerNetParams(Section):
@@ -122,7 +122,7 @@ def in_batch_loss(logits: Tensor, positives: Tensor, uniform: Tensor, probs: Ten
     return losses.sampled_softmax(pos, logits.float(), neg_log_q, pos_log_q, neg_mask=mask)
 
 
-class TwoTowerTask(SampledTask):
+class TwoTowerTask(FeatureTask):
     """The two towers on (user_idx, item_idx, fields = user block, items = history) positives.
 
     ``item_fields`` [n_items, Fi]: every item's block (id 0 for items without a train row);
@@ -132,21 +132,12 @@ class TwoTowerTask(SampledTask):
 
     def __init__(self, params: TwoTowerNetParams, spec: FeatureSpec, item_fields: np.ndarray,
                  item_counts: np.ndarray, holdout: Holdout | None = None) -> None:
-        item_fields = np.asarray(item_fields, dtype=np.int64)
-        if item_fields.ndim != 2 or item_fields.shape[1] != len(spec.item_fields):
-            raise ValueError(f"item_fields must be [n_items, {len(spec.item_fields)}], got {item_fields.shape}")
         # exponent 1: the in-batch negatives follow the positives' own distribution, the raw popularity
-        super().__init__(params.seed, item_fields.shape[0], item_counts, 1.0, holdout)
-        self.params, self.spec, self.item_fields = params, spec, item_fields
+        super().__init__(params.seed, spec, item_fields, item_counts, 1.0, holdout)
+        self.params = params
         self.n_user_fields = len(spec.user_fields)
         self.cold_user_positions = spec.positions(spec.history_fields)  # inside the user block (it comes first)
         self.item_id_positions = [i for i, f in enumerate(spec.item_fields) if f == tb.ITEM_IDX]
-        self._item_tables: dict[torch.device, Tensor] = {}
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_item_tables"] = {}
-        return state
 
     def build_model(self) -> nn.Module:
         p = self.params
@@ -156,13 +147,6 @@ class TwoTowerTask(SampledTask):
             return TwoTower([cards[f] for f in self.spec.user_fields], [cards[f] for f in self.spec.item_fields],
                             self.n_items, dim=p.dim, field_dim=p.field_dim, hidden=p.hidden, dropout=p.dropout,
                             temperature=p.temperature, history_decay=p.history_decay)
-
-    def items_on(self, device: torch.device) -> Tensor:
-        """Every item's block on ``device`` [n_items, Fi] (moved once per device)."""
-        device = torch.device(device)
-        if device not in self._item_tables:
-            self._item_tables[device] = torch.as_tensor(self.item_fields, device=device)
-        return self._item_tables[device]
 
     def _make_cold(self, user_fields: Tensor, history: Tensor, item_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """At rate ``id_dropout``: each row's user cold (id and activity fields 0, history all padding),
@@ -214,7 +198,7 @@ def prefix_histories(rows: DataFrame, length: int) -> DataFrame:
     return exploded.select(tb.USER_IDX, tb.ITEM_IDX, padded.cast("array<int>").alias(tb.ITEMS))
 
 
-class TwoTowerRecommender(TorchRecommender):
+class TwoTowerRecommender(FeatureRecommender):
     """Two towers over ``silver/user_features``, ``silver/item_features`` and the users' histories.
 
     Reads the feature tables under ``warehouse`` (the pipeline sets it; ``recsys-spark features`` builds
@@ -229,36 +213,14 @@ class TwoTowerRecommender(TorchRecommender):
 
     def __init__(self, params: TwoTowerParams | None = None) -> None:
         super().__init__(params)
-        self.spec: FeatureSpec | None = None
-        self.item_fields: np.ndarray | None = None  # [n_items, Fi], row item_idx; id 0 for untrained items
         self._histories: DataFrame | None = None  # (user_idx, items): each trained user's latest items
-
-    def _need_warehouse(self) -> str:
-        if not self.warehouse:
-            raise RecsysError("two_tower reads the feature tables under the warehouse: set model.warehouse (the "
-                              "pipeline does) and run `recsys-spark features` first")
-        return self.warehouse
-
-    def _user_features(self, spark: SparkSession) -> DataFrame:
-        return tb.read(spark, self._need_warehouse(), tb.USER_FEATURES)
 
     # -- training -------------------------------------------------------------------------------
     def _fit(self, train: DataFrame) -> None:
-        spark = train.sparkSession
-        warehouse = self._need_warehouse()
         tb.require_columns(train, [tb.FIRST_TS], f"{self.name} training data")
-        self.spec = load_feature_spec(spark, warehouse, include_ids=True)
-        n_catalogue = self.spec.cardinalities[tb.ITEM_IDX] - 1
-        self.item_fields = item_field_matrix(tb.read(spark, warehouse, tb.ITEM_FEATURES), self.spec, n_catalogue)
         super()._fit(train)
         self._histories = user_sequences(train, self.params.net.history_len).select(
             tb.USER_IDX, tb.ITEMS).localCheckpoint()
-
-    def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
-        if n_items > len(self.item_fields):
-            raise RecsysError(f"the train split has item_idx {n_items - 1}, past silver/item_features' "
-                              f"{len(self.item_fields)} items: rebuild the features (`recsys-spark features`)")
-        return max(n_users, self.spec.cardinalities[tb.USER_IDX] - 1), len(self.item_fields)
 
     def _training_data(self, train: DataFrame):
         spark = train.sparkSession
@@ -284,24 +246,6 @@ class TwoTowerRecommender(TorchRecommender):
         return TwoTowerTask(self.params.net, self.spec, self.item_fields, item_counts, holdout)
 
     # -- the towers on Spark --------------------------------------------------------------------
-    def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
-        """(user_idx, fields): the user block of each of ``users`` that has a feature row. Users not in
-        ``trained`` (None: all are) are cold: id and activity fields read 0, as id dropout trained."""
-        rows = (self._user_features(users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
-                .join(users.select(tb.USER_IDX), tb.USER_IDX, "left_semi"))
-        missing = [f for f in self.spec.user_fields if f not in rows.columns]
-        if missing:
-            raise RecsysError(f"silver/user_features lacks the fields {missing} this two_tower model was trained "
-                              "with: rebuild the features with the same side files")
-        if trained is None:
-            rows = rows.withColumn(_TRAINED, F.lit(True))
-        else:
-            rows = rows.join(trained.select(tb.USER_IDX).withColumn(_TRAINED, F.lit(True)), tb.USER_IDX, "left")
-        rows = rows.withColumn(_USER, F.col(tb.USER_IDX))
-        for name in self.spec.history_fields:
-            rows = rows.withColumn(name, F.when(F.col(_TRAINED), F.col(name)))  # null -> 0, unknown
-        return rows.select(F.col(_USER).alias(tb.USER_IDX), assemble(self.spec.user_fields))
-
     def _user_vectors(self, users: DataFrame) -> DataFrame:
         """(user_idx, embedding): the user tower's output for each of ``users`` with a feature row; users
         without a train history get an empty one (and, untrained, the cold user block)."""
@@ -342,12 +286,6 @@ class TwoTowerRecommender(TorchRecommender):
         return np.concatenate([table, extra])
 
     # -- serving --------------------------------------------------------------------------------
-    def known_users(self) -> DataFrame:
-        if not self.warehouse:
-            return self._users
-        return (self._user_features(self._users.sparkSession).filter(F.col(tb.USER_IDX).isNotNull())
-                .select(tb.USER_IDX).distinct())
-
     def user_factors(self) -> DataFrame:
         return self._user_vectors(self.known_users())
 
@@ -365,15 +303,10 @@ class TwoTowerRecommender(TorchRecommender):
                                   self.users_per_block)
 
     # -- persistence ----------------------------------------------------------------------------
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"feature_spec": self.spec.to_dict(), "warehouse": self.warehouse}
-
     def _save_extra(self, path: str) -> None:
-        np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
+        super()._save_extra(path)
         self._histories.write.mode("overwrite").parquet(os.path.join(path, HISTORIES_DIR))
 
     def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
-        self.spec = FeatureSpec.from_dict(meta["feature_spec"])
-        self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
-        self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)
+        super()._load_extra(spark, path, meta)
         self._histories = spark.read.parquet(os.path.join(path, HISTORIES_DIR))
