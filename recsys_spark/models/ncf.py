@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 from torch import Tensor, nn
 
 from recsys_spark import tables as tb
-from recsys_spark.config import Section
+from recsys_spark.config import EVENT_TYPES, Section
 from recsys_spark.data.funnel import candidate_matrix, viewed_not_bought
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.torch_base import TorchParams, TorchRecommender
@@ -57,13 +57,22 @@ class NCFNetParams(Section):
     hard_share: float = Field(0.5, ge=0, le=1, description="share of negatives drawn from the hard ones")
     funnel_share: float = Field(0.5, ge=0, le=1, description="share of negatives drawn from the items the user "
                                                              "viewed but never bought (negatives: funnel)")
-    funnel_viewed: list[str] = Field(default_factory=lambda: ["view"], description="event types of a view")
-    funnel_bought: list[str] = Field(default_factory=lambda: ["cart", "purchase"],
+    funnel_viewed: list[str] = Field(default_factory=lambda: ["view"], min_length=1,
+                                     description="event types of a view")
+    funnel_bought: list[str] = Field(default_factory=lambda: ["cart", "purchase"], min_length=1,
                                      description="event types of a conversion")
     funnel_max: int = Field(200, gt=0, description="viewed-not-bought items kept per user (the latest)")
     popularity_exponent: float = Field(0.75, ge=0, description="q ∝ count ** exponent")
     weighted: bool = Field(False, description="weigh each positive's loss by its interaction weight")
     seed: int = Field(42, description="initial weights and negative sampling")
+
+    @field_validator("funnel_viewed", "funnel_bought")
+    @classmethod
+    def _event_types(cls, types: list[str]) -> list[str]:
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
+        return types
 
     @field_validator("mlp_layers")
     @classmethod
