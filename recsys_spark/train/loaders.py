@@ -39,6 +39,9 @@ DEFAULT_FILES_PER_RANK = 4
 
 # Petastorm also deletes its caches in an atexit hook, outside any ``quiet_petastorm`` block.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+# A column named ``fields`` (the feature models' input) clashes with a Unischema property: Petastorm says so on
+# every read, on every rank, and reads the column all the same.
+warnings.filterwarnings("ignore", message="Can not create dynamic property", category=UserWarning)
 # Its converter logs a WARNING for every small Parquet file and for the float64 -> float32 cast; both are
 # expected here (shards are small by design, weights are float32).
 logging.getLogger("petastorm.spark.spark_dataset_converter").setLevel(logging.ERROR)
