@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys_spark.nn.fields import mlp
+
 PAD_IDX = -1  # history padding (recsys_spark.tables.PAD_IDX; this module imports no Spark)
 
 
@@ -59,17 +61,6 @@ class FieldEmbedding(nn.Module):
         return self.table(fields + self.offsets).flatten(-2)  # [*, F, dim] -> [*, F * dim]
 
 
-def _mlp(width: int, hidden: Sequence[int], out: int, dropout: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for size in hidden:
-        layers += [nn.Linear(width, size), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = size
-    layers.append(nn.Linear(width, out))
-    return nn.Sequential(*layers)
-
-
 class TwoTower(nn.Module):
     def __init__(self, user_cardinalities: Sequence[int], item_cardinalities: Sequence[int], n_items: int,
                  dim: int = 64, field_dim: int = 32, hidden: Sequence[int] = (256,), dropout: float = 0.0,
@@ -90,8 +81,8 @@ class TwoTower(nn.Module):
         nn.init.normal_(self.history.weight, std=0.05)
         with torch.no_grad():
             self.history.weight[0].zero_()
-        self.user_tower = _mlp((len(user_cardinalities) + 1) * field_dim, hidden, dim, dropout)
-        self.item_tower = _mlp(len(item_cardinalities) * field_dim, hidden, dim, dropout)
+        self.user_tower = mlp((len(user_cardinalities) + 1) * field_dim, hidden, dropout, out=dim)
+        self.item_tower = mlp(len(item_cardinalities) * field_dim, hidden, dropout, out=dim)
 
     def pooled_history(self, history: Tensor) -> Tensor:
         """history [B, L] (left-padded, most recent last) -> h_u [B, field_dim]: the decay-weighted mean of
