@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "RECSYS_SPARK_DRIVER_MEMORY": "1g"}
 
 # One writer: builds its rows, says it is ready, waits for the others, then writes with the project's
-# own table functions (what the jobs call) and prints what the write reported.
+# own table functions (what the jobs call) and prints what the write reported. Kind "compact" is
+# `recsys-spark maintain`'s OPTIMIZE + VACUUM of gold/recommendations (its rows are not used).
 WRITER = textwrap.dedent("""
     import json, os, sys, time
     from recsys_spark import tables as tb
@@ -41,19 +42,23 @@ WRITER = textwrap.dedent("""
     if kind == "replace_where":
         tb.replace_where(df, warehouse, "gold/recommendations", f"model = '{name}'", ["model"])
         print("inserted", df.count())
+    elif kind == "compact":
+        print("inserted", tb.compact_and_vacuum(spark, warehouse, "gold/recommendations", 168)["files_after"])
     else:
         print("inserted", tb.insert_new(df, warehouse, "bronze/events", key="key"))
     spark.stop()
 """)
 
 
-def _run_at_once(tmp_path: Path, kind: str, writers: dict[str, list[dict]], warehouse: str) -> dict[str, int]:
-    """Start one process per writer, let them write at the same moment, return what each inserted."""
-    barrier = tmp_path / f"barrier-{kind}-{len(os.listdir(tmp_path))}"
+def _run_at_once(tmp_path: Path, writers: dict[str, tuple[str, list[dict]]], warehouse: str) -> dict[str, int]:
+    """Start one process per writer (name: (kind, rows)), let them write at the same moment, return what
+    each reported."""
+    barrier = tmp_path / f"barrier-{len(os.listdir(tmp_path))}"
     barrier.mkdir()
     procs = {name: subprocess.Popen(
         [sys.executable, "-c", WRITER, kind, warehouse, name, str(barrier), str(len(writers)), json.dumps(rows)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV) for name, rows in writers.items()}
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+        for name, (kind, rows) in writers.items()}
     inserted = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -82,22 +87,27 @@ def _rows(model: str, users: range) -> list[dict]:
     return [{"model": model, "user_idx": u, "item_idx": u % 7, "key": f"{model}-{u}"} for u in users]
 
 
-def test_two_models_replace_their_rows_of_one_table_at_once_and_both_land(spark, tmp_path):
-    """Two writers replacing their own model's rows of a gold table at the same moment: both land
-    whole, one model's rows replaced (not appended), the other's added, a third model's untouched.
-    (Two writers into a table that does not exist yet: the recommend-job test below.)"""
+def test_two_models_replace_their_rows_of_one_table_at_once_while_maintenance_compacts_it_and_all_land(
+        spark, tmp_path):
+    """Two writers replacing their own model's rows of a gold table at the same moment as ``maintain``'s
+    OPTIMIZE + VACUUM of it: the compaction rewrites the very files the replace removes, so whichever
+    commits later conflicts and is retried (tables._retrying) on the winner's snapshot. All land whole:
+    one model's rows replaced (not appended), the other's added, a third model's untouched, and the
+    table compacted. (Two writers into a table that does not exist yet: the train/recommend test below.)"""
     from recsys_spark import tables as tb
 
     warehouse = str(tmp_path / "warehouse")
     for model, users in {"popularity": range(40), "als": range(50)}.items():  # yesterday, one writer at a time
         rows = spark.createDataFrame(_rows(model, users), "model string, user_idx int, item_idx int, key string")
-        tb.replace_where(rows, warehouse, "gold/recommendations", f"model = '{model}'", ["model"])
-    _run_at_once(tmp_path, "replace_where", {"als": _rows("als", range(10, 30)),
-                                             "itemknn": _rows("itemknn", range(30))}, warehouse)
+        tb.replace_where(rows.repartition(3), warehouse, "gold/recommendations", f"model = '{model}'", ["model"])
+    reported = _run_at_once(tmp_path, {"als": ("replace_where", _rows("als", range(10, 30))),
+                                       "itemknn": ("replace_where", _rows("itemknn", range(30))),
+                                       "maintain": ("compact", [])}, warehouse)
 
     table = spark.read.format("delta").load(os.path.join(warehouse, "gold", "recommendations")).toPandas()
     assert table.groupby("model").size().to_dict() == {"popularity": 40, "als": 20, "itemknn": 30}
     assert sorted(table[table.model == "als"].user_idx) == list(range(10, 30))  # replaced, not appended
+    assert reported["maintain"] < 6  # 2 models x 3 files before it; compacted, whatever the commit order
 
 
 def test_two_ingests_of_overlapping_rows_lose_nothing_and_duplicate_nothing(spark, tmp_path):
@@ -105,39 +115,45 @@ def test_two_ingests_of_overlapping_rows_lose_nothing_and_duplicate_nothing(spar
     reported counts add up to it (rows read = accepted + duplicates skipped holds for both jobs)."""
     warehouse = str(tmp_path / "warehouse")
     first, second = _rows("e", range(0, 60)), _rows("e", range(30, 100))
-    inserted = _run_at_once(tmp_path, "insert_new", {"first": first, "second": second}, warehouse)
+    inserted = _run_at_once(tmp_path, {"first": ("insert_new", first), "second": ("insert_new", second)}, warehouse)
 
     table = spark.read.format("delta").load(os.path.join(warehouse, "bronze", "events")).toPandas()
     assert sorted(table.key) == sorted(f"e-{u}" for u in range(100))
     assert sum(inserted.values()) == 100
 
 
-def test_two_recommend_jobs_started_together_on_the_first_day_both_land(spark, world, tmp_path):
-    """What the daily DAG does on its first day, through the CLI: ``recommend`` for popularity and for ALS
-    started at the same moment into a warehouse without ``gold/recommendations``; both exit 0 and the
-    table holds each model's full top-k for every user."""
-    from conftest import WORLD_SETTINGS
+def _together(argvs: dict[str, list[str]]) -> None:
+    """Start one CLI job per name at the same moment; each must exit 0."""
+    jobs = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+            for name, argv in argvs.items()}
+    for name, job in jobs.items():
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, f"{name} failed:\n{err[-3000:]}"
+
+
+def test_two_train_then_two_recommend_jobs_started_together_on_the_first_day_all_land(spark, world, tmp_path):
+    """What the daily DAG does on its first day, through the CLI, into a warehouse without gold tables:
+    ``train`` for ALS and for SVD started at the same moment (both create gold/user_embeddings and
+    gold/item_embeddings), then ``recommend`` for popularity and for ALS at the same moment (both create
+    gold/recommendations). Every job exits 0; each model has an embedding for every train user and item,
+    and the recommendations hold each model's full top-k for every user."""
     from pyspark.sql import functions as F
 
-    from recsys_spark import pipeline
     from recsys_spark import tables as tb
-    from recsys_spark.config import load_config
 
     warehouse = _world_copy(world, tmp_path)
-    config = load_config(overrides=[f"warehouse={warehouse}", *WORLD_SETTINGS])
-    pipeline.run_train(spark, config, "als", world.run)
-    assert not tb.exists(spark, warehouse, tb.RECOMMENDATIONS)
+    run_date = world.run.run_date
+    assert not tb.exists(spark, warehouse, tb.USER_EMBEDDINGS)
+    _together({f"train {m}": _job("train", m, warehouse, run_date) for m in ("als", "svd")})
+    _together({f"recommend {m}": _job("recommend", m, warehouse, run_date) for m in ("popularity", "als")})
 
-    jobs = {model: subprocess.Popen(_job("recommend", model, warehouse, world.run.run_date), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
-            for model in ("popularity", "als")}
-    for model, job in jobs.items():
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, f"recommend --model {model} failed:\n{err[-3000:]}"
-
+    users = world.train.select(tb.USER_IDX).distinct().count()
+    items = world.train.select(tb.ITEM_IDX).distinct().count()
+    for table, expected in ((tb.USER_EMBEDDINGS, users), (tb.ITEM_EMBEDDINGS, items)):
+        counts = tb.read(spark, warehouse, table).groupBy(tb.MODEL).count().toPandas()
+        assert dict(zip(counts[tb.MODEL], counts["count"], strict=True)) == {"als": expected, "svd": expected}
     # popularity's rows as the clean run that built the world wrote them; ALS: k for every train user
     clean = tb.read(spark, world.warehouse, tb.RECOMMENDATIONS).filter(F.col(tb.MODEL) == "popularity").count()
-    users = world.train.select(tb.USER_IDX).distinct().count()
     recs = tb.read(spark, warehouse, tb.RECOMMENDATIONS).groupBy(tb.MODEL).count().toPandas()
     assert dict(zip(recs[tb.MODEL], recs["count"], strict=True)) == {"popularity": clean, "als": 10 * users}
 
