@@ -61,3 +61,23 @@ def test_a_candidate_outside_the_label_period_is_labelled_0(spark):
 def test_an_unregistered_candidate_model_is_a_one_line_error():
     with pytest.raises(ValueError, match="unknown candidate model 'nope'"):
         TwoStageParams(candidates="nope")
+
+
+def test_co_occurrence_features_read_the_users_latest_items_in_time_order():
+    """The features that carry order into the ranker, on a hand-checked history: user 0 took items 0, 1, 2
+    in that order, user 1 took 0 then 1, user 2 took 1, 2, 3; the candidate is item 3 for user 0."""
+    import pandas as pd
+
+    from recsys_spark.models.twostage import History
+
+    rows = pd.DataFrame({tb.USER_IDX: [0, 0, 0, 1, 1, 2, 2, 2], tb.ITEM_IDX: [2, 0, 1, 0, 1, 1, 2, 3],
+                         "_t": [3, 1, 2, 1, 2, 1, 2, 3]})  # user 0's rows out of time order on purpose
+    none = np.zeros((1, 0), dtype=np.int64)
+    history = History(rows, none, none)
+    # cosine(a, b) = users of both / sqrt(users of a x users of b); item 3 was taken with 1 and 2 only
+    cos_13, cos_23 = 1 / np.sqrt(3 * 1), 1 / np.sqrt(2 * 1)
+    # follows: 3 came 1 step after 2 and 2 steps after 1 in user 2's history, never after 0
+    got = history.co_occurrence(np.array([0, 7]), np.array([3, 3]))
+    np.testing.assert_allclose(got[0], [(0 + cos_13 + cos_23) / 3, (0 + cos_13 + cos_23) / 3, cos_23,
+                                        np.log1p(2), np.log1p(1)])
+    assert np.isnan(got[1]).all()  # a user without history has no such features

@@ -22,8 +22,13 @@ exactly that question:
    ``popularity_days`` before the user's latest interaction, its age at that time; the user's
    activity (items, span, the mean popularity of the user's items against the candidate's); the
    user's and the item's side features (categorical: ``silver/user_features``, ``silver/item_features``
-   without the fields that grow with use); and, per item side field, the share of the user's items
-   sharing the candidate's value (genre and decade affinity on MovieLens).
+   without the fields that grow with use); per item side field, the share of the user's items
+   sharing the candidate's value (genre and decade affinity on MovieLens); and how the candidate goes
+   with what the user took *last*: its cosine co-occurrence with the user's whole history, last
+   ``RECENT`` items and last item, and how often it followed those items within ``FOLLOW_WINDOW``
+   steps in other users' histories (co-visitation, as the candidate features of production rankers).
+   The candidate model sees a bag of items; the next item depends on the latest ones, and the ranker
+   is where that order enters.
 4. **Ranker**: LightGBM ``lambdarank`` (listwise, optimises NDCG over each user's candidates) or
    ``binary`` (BCE), early-stopped on a share of the label users' groups.
 5. **Serving**: the candidate model is refitted on *all* train rows inside this model's ``fit`` (not
@@ -68,6 +73,8 @@ from recsys_spark.scoring import RECS_SCHEMA, top_k_of_scores
 log = logging.getLogger(__name__)
 
 DAY = 86_400.0
+RECENT = 3  # the user's latest items that the recent co-occurrence features compare the candidate with
+FOLLOW_WINDOW = 3  # item b "follows" item a when it comes at most this many steps after a in a history
 T = "_t"  # interaction time, epoch seconds
 LABEL = "_label"
 COLD = "_cold"
@@ -179,6 +186,66 @@ class History:
         self.now = float(r[T].max()) if len(r) else 0.0
         order = np.lexsort((np.arange(n_items), -self.item_users))
         self.popular = order[self.item_users[order] > 0]  # items by users, most first
+        self._co_occurrence(n_items)
+
+    def _co_occurrence(self, n_items: int) -> None:
+        """Item-item matrices and user profiles for the co-occurrence features (scipy.sparse CSR):
+
+        cosine [items, items] = X^T X / sqrt(n_i n_j), diagonal 0, X the binary [users, items] history;
+        follows [items, items]: entry (a, b) counts histories where b comes 1..FOLLOW_WINDOW steps after a;
+        profiles [users, items]: 1 for the items of the user's whole history, last RECENT items, last item.
+        """
+        from scipy import sparse
+
+        r = self.rows.sort_values([tb.USER_IDX, T, tb.ITEM_IDX], kind="stable")  # time order; ties by idx
+        users, items = r[tb.USER_IDX].to_numpy(np.int64), r[tb.ITEM_IDX].to_numpy(np.int64)
+        n_users = int(users.max()) + 1 if len(users) else 1
+        x = sparse.csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
+        x.data[:] = 1.0  # a repeated (user, item) counts once
+        co = (x.T @ x).tocsr()
+        co.setdiag(0)
+        co.eliminate_zeros()
+        norm = 1.0 / np.sqrt(np.maximum(self.item_users, 1.0))
+        self.cosine = sparse.diags(norm) @ co @ sparse.diags(norm)
+        a, b = [], []
+        for step in range(1, FOLLOW_WINDOW + 1):
+            same = users[:-step] == users[step:]
+            a.append(items[:-step][same])
+            b.append(items[step:][same])
+        a, b = np.concatenate(a), np.concatenate(b)
+        self.follows = sparse.csr_matrix((np.ones(len(a)), (a, b)), shape=(n_items, n_items))
+        from_end = pd.Series(users[::-1]).groupby(users[::-1]).cumcount().to_numpy()[::-1]  # 0: the last item
+
+        def profile(keep: np.ndarray) -> sparse.csr_matrix:
+            return sparse.csr_matrix((np.ones(keep.sum()), (users[keep], items[keep])), shape=(n_users, n_items))
+
+        self.profiles = {"all": profile(from_end >= 0), "recent": profile(from_end < RECENT),
+                         "last": profile(from_end == 0)}
+        log.info("co-occurrence features: %d cosine and %d follow pairs over %d items", self.cosine.nnz,
+                 self.follows.nnz, n_items)
+
+    def co_occurrence(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """[N, 5]: per (user, candidate) pair, the mean cosine of the candidate with the user's history,
+        last RECENT items and last item, and log(1 + how often it followed) the last RECENT items and the
+        last item. Rows of users without history are nan."""
+        out = np.full((len(users), 5), np.nan)
+        n_users, n_items = self.profiles["all"].shape
+        ok = (users < n_users) & (items < n_items)
+        ok[ok] = self.profiles["all"].getnnz(axis=1)[users[ok]] > 0
+        columns = [("all", self.cosine), ("recent", self.cosine), ("last", self.cosine),
+                   ("recent", self.follows), ("last", self.follows)]
+        rows = np.flatnonzero(ok)
+        for start in range(0, len(rows), 200_000):  # bounded products: [pairs' users, items] per chunk
+            chunk = rows[start:start + 200_000]
+            u, inverse = np.unique(users[chunk], return_inverse=True)
+            for c, (name, matrix) in enumerate(columns):
+                profile = self.profiles[name][u]  # [chunk users, items], 1 where the user took the item
+                value = np.asarray((profile @ matrix).tocsr()[inverse, items[chunk]]).ravel()
+                if matrix is self.cosine:  # the mean over the profile's items
+                    out[chunk, c] = value / profile.getnnz(axis=1)[inverse]
+                else:
+                    out[chunk, c] = np.log1p(value)
+        return out
 
     def count_between(self, items: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
         """Interactions with ``items`` at times in (start, end], element-wise."""
@@ -224,6 +291,8 @@ def pair_features(history: History, cands: pd.DataFrame, popularity_days: float)
     history_users = np.where(cold, -1, users)  # a cold row's user has no history to match
     affinity = history.affinity(np.maximum(history_users, 0), items)
     affinity[cold] = np.nan
+    co_occurrence = history.co_occurrence(users, items)
+    co_occurrence[cold] = np.nan
     user_side = history.user_side[np.minimum(users, len(history.user_side) - 1)] * (
         users < len(history.user_side))[:, None]
     item_side = history.item_side[np.minimum(items, len(history.item_side) - 1)] * (
@@ -231,7 +300,7 @@ def pair_features(history: History, cands: pd.DataFrame, popularity_days: float)
     columns = [score, cands[tb.RANK].to_numpy(np.float64), score - best, item_pop, recent, age,
                np.log1p(stats["n"].to_numpy()), (stats["last"] - stats["first"]).to_numpy() / DAY,
                item_pop - stats["pop"].to_numpy()]
-    return np.column_stack([*columns, affinity, user_side, item_side]).astype(np.float32)
+    return np.column_stack([*columns, co_occurrence, affinity, user_side, item_side]).astype(np.float32)
 
 
 def feature_names(history: History) -> tuple[list[str], list[int]]:
@@ -239,6 +308,7 @@ def feature_names(history: History) -> tuple[list[str], list[int]]:
     fi, fu = history.item_side.shape[1], history.user_side.shape[1]
     names = ["candidate_score", "candidate_rank", "score_gap_to_best", "item_log_users", "item_log_recent",
              "item_age_days", "user_log_items", "user_span_days", "item_vs_user_popularity",
+             "cosine_history", "cosine_recent", "cosine_last", "log_follows_recent", "log_follows_last",
              *[f"affinity_{i}" for i in range(fi)], *[f"user_side_{i}" for i in range(fu)],
              *[f"item_side_{i}" for i in range(fi)]]
     return names, list(range(len(names) - fu - fi, len(names)))
