@@ -68,10 +68,10 @@ def test_co_occurrence_features_read_the_users_latest_items_in_time_order():
     in that order, user 1 took 0 then 1, user 2 took 1, 2, 3; the candidate is item 3 for user 0."""
     import pandas as pd
 
-    from recsys_spark.models.twostage import History
+    from recsys_spark.models.twostage import History, T
 
     rows = pd.DataFrame({tb.USER_IDX: [0, 0, 0, 1, 1, 2, 2, 2], tb.ITEM_IDX: [2, 0, 1, 0, 1, 1, 2, 3],
-                         "_t": [3, 1, 2, 1, 2, 1, 2, 3]})  # user 0's rows out of time order on purpose
+                         T: [3, 1, 2, 1, 2, 1, 2, 3]})  # user 0's rows out of time order on purpose
     none = np.zeros((1, 0), dtype=np.int64)
     history = History(rows, none, none)
     # cosine(a, b) = users of both / sqrt(users of a x users of b); item 3 was taken with 1 and 2 only

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 DAY = 86_400.0
 RECENT = 3  # the user's latest items that the recent co-occurrence features compare the candidate with
 FOLLOW_WINDOW = 3  # item b "follows" item a when it comes at most this many steps after a in a history
+PAIRS_PER_CHUNK = 200_000  # (user, candidate) pairs whose co-occurrence products are computed at once
 T = "_t"  # interaction time, epoch seconds
 LABEL = "_label"
 COLD = "_cold"
@@ -203,9 +204,9 @@ class History:
         x = sparse.csr_matrix((np.ones(len(users)), (users, items)), shape=(n_users, n_items))
         x.data[:] = 1.0  # a repeated (user, item) counts once
         co = (x.T @ x).tocsr()
+        norm = 1.0 / np.sqrt(np.maximum(co.diagonal(), 1.0))  # the diagonal: users of each item
         co.setdiag(0)
         co.eliminate_zeros()
-        norm = 1.0 / np.sqrt(np.maximum(self.item_users, 1.0))
         self.cosine = sparse.diags(norm) @ co @ sparse.diags(norm)
         a, b = [], []
         for step in range(1, FOLLOW_WINDOW + 1):
@@ -219,8 +220,7 @@ class History:
         def profile(keep: np.ndarray) -> sparse.csr_matrix:
             return sparse.csr_matrix((np.ones(keep.sum()), (users[keep], items[keep])), shape=(n_users, n_items))
 
-        self.profiles = {"all": profile(from_end >= 0), "recent": profile(from_end < RECENT),
-                         "last": profile(from_end == 0)}
+        self.profiles = {"all": x, "recent": profile(from_end < RECENT), "last": profile(from_end == 0)}
         log.info("co-occurrence features: %d cosine and %d follow pairs over %d items", self.cosine.nnz,
                  self.follows.nnz, n_items)
 
@@ -235,14 +235,14 @@ class History:
         columns = [("all", self.cosine), ("recent", self.cosine), ("last", self.cosine),
                    ("recent", self.follows), ("last", self.follows)]
         rows = np.flatnonzero(ok)
-        for start in range(0, len(rows), 200_000):  # bounded products: [pairs' users, items] per chunk
-            chunk = rows[start:start + 200_000]
+        for start in range(0, len(rows), PAIRS_PER_CHUNK):  # bounded products: [chunk users, items]
+            chunk = rows[start:start + PAIRS_PER_CHUNK]
             u, inverse = np.unique(users[chunk], return_inverse=True)
+            profiles = {name: p[u] for name, p in self.profiles.items()}  # [chunk users, items], 1 = taken
             for c, (name, matrix) in enumerate(columns):
-                profile = self.profiles[name][u]  # [chunk users, items], 1 where the user took the item
-                value = np.asarray((profile @ matrix).tocsr()[inverse, items[chunk]]).ravel()
+                value = np.asarray((profiles[name] @ matrix).tocsr()[inverse, items[chunk]]).ravel()
                 if matrix is self.cosine:  # the mean over the profile's items
-                    out[chunk, c] = value / profile.getnnz(axis=1)[inverse]
+                    out[chunk, c] = value / profiles[name].getnnz(axis=1)[inverse]
                 else:
                     out[chunk, c] = np.log1p(value)
         return out
