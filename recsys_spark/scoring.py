@@ -41,6 +41,8 @@ RECS_SCHEMA = T.StructType(
 MAX_BROADCAST_BYTES = 2 << 30
 # One block's score matrix (users x items, float32) stays under this many cells (128 MB).
 MAX_BLOCK_CELLS = 32 << 20
+# Columns per run whose maximum bounds a row's k-th best score (``_kth_best_lower_bound``).
+BOUND_RUN = 64
 
 _SEEN = "_seen"
 
@@ -75,13 +77,30 @@ def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return pos[ids[pos] == wanted]
 
 
+def _kth_best_lower_bound(scores: np.ndarray, kk: int) -> np.ndarray:
+    """Per row, a value at most its ``kk``-th best score, cheap to find: the ``kk``-th best of the maxima of
+    disjoint runs of ``BOUND_RUN`` columns (``kk`` runs hold an item at least that high). Few items beat
+    it, so only those are sorted, where a full ``np.partition`` of the (users, items) block was the most
+    expensive step of top-N. A catalogue with fewer than ``kk`` runs gets the exact ``kk``-th best."""
+    n_rows, n_cols = scores.shape
+    runs = n_cols // BOUND_RUN
+    if runs < kk:
+        return np.partition(scores, n_cols - kk, axis=1)[:, n_cols - kk]
+    s_row, s_col = scores.strides
+    # A (rows, runs, BOUND_RUN) view of the first runs * BOUND_RUN columns: no copy; the tail is left out.
+    grouped = np.lib.stride_tricks.as_strided(scores, (n_rows, runs, BOUND_RUN), (s_row, BOUND_RUN * s_col, s_col),
+                                              writeable=False)
+    maxima = grouped.max(axis=2)  # (rows, runs)
+    return np.partition(maxima, runs - kk, axis=1)[:, runs - kk]
+
+
 def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | None, item_ids: np.ndarray,
                     k: int, excluded: np.ndarray | None = None) -> pd.DataFrame:
     """Top-``k`` items of one block of users from their (users, items) score matrix.
 
     ``seen[r]`` (an array of item ids, or None) and the ``excluded`` item positions score -inf and are
-    never returned. Only the items scoring at least the k-th best score are sorted, on (-score,
-    item_idx), so ties go to the smaller item_idx; a user with fewer than ``k`` candidates gets fewer rows.
+    never returned. Only the items scoring at least a lower bound of the k-th best score are sorted,
+    on (-score, item_idx), so ties go to the smaller item_idx; a user with fewer than ``k`` candidates gets fewer rows.
     Shared by the factor models and by models that score with a network (NeuMF). ``scores`` is
     modified in place.
     """
@@ -98,10 +117,12 @@ def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | N
             pos = np.minimum(np.searchsorted(item_ids, flat), n_items - 1)
             known = item_ids[pos] == flat
             scores[rows[known], pos[known]] = -np.inf
-    kk = min(k, n_items)
-    threshold = np.partition(scores, n_items - kk, axis=1)[:, n_items - kk]  # each row's k-th best score
-    rows, cols = np.nonzero((scores >= threshold[:, None]) & np.isfinite(scores))
+    # Only the items scoring at least a lower bound of each row's k-th best score are sorted.
+    bound = _kth_best_lower_bound(scores, min(k, n_items))
+    rows, cols = np.nonzero(scores >= bound[:, None])
     values = scores[rows, cols]
+    finite = np.isfinite(values)
+    rows, cols, values = rows[finite], cols[finite], values[finite]
     order = np.lexsort((cols, -values, rows))  # by user, then score descending, then item ascending
     rows, cols, values = rows[order], cols[order], values[order]
     rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")

@@ -73,6 +73,25 @@ def test_top_k_of_scores_breaks_ties_by_smaller_item():
     assert got[tb.RANK].tolist() == [1, 2]
 
 
+def test_top_k_of_scores_on_a_large_catalogue_keeps_every_tie_and_filter():
+    """Past ``BOUND_RUN * k`` items only the items above a bound of the k-th best score are sorted: with
+    many ties (small integer scores), seen items, excluded items and a user who has seen all but 3 items,
+    the rows are still exactly those of a full sort."""
+    rng = np.random.default_rng(2)
+    n_users, n_items, k = 40, 5 * S.BOUND_RUN * 10 + 7, 10  # not a multiple of the run length
+    item_ids = np.arange(n_items, dtype=np.int32) * 3
+    scores = rng.integers(0, 6, size=(n_users, n_items)).astype(np.float32)
+    seen = {u: list(rng.choice(item_ids, size=int(rng.integers(0, 50)), replace=False)) for u in range(n_users)}
+    seen[5] = list(item_ids[3:])
+    excluded = [int(item_ids[-1]), int(item_ids[0])]
+    seen_col = [np.array(seen[u], dtype=np.int32) for u in range(n_users)]
+    got = S.top_k_of_scores(np.arange(n_users), scores.copy(), seen_col, item_ids, k,
+                            S.positions(item_ids, np.array(excluded)))
+    expected = brute_force(np.arange(n_users), scores, item_ids, np.eye(n_items, dtype=np.float32), k, seen, excluded)
+    assert_same_recs(as_rows(got), expected)
+    assert got[got[tb.USER_IDX] == 5][tb.ITEM_IDX].tolist() == sorted(item_ids[1:3], key=lambda i: -scores[5, i // 3])
+
+
 @pytest.mark.spark
 def test_top_k_from_factors_equals_brute_force(spark):
     rng = np.random.default_rng(1)
