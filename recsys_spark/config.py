@@ -144,6 +144,9 @@ class MaintenanceConfig(Section):
         description="VACUUM deletes replaced files older than this; time travel (a backfill reading an older "
                     "version) reaches back this far. Delta itself refuses less than the table's "
                     "delta.deletedFileRetentionDuration (default 168 h) while its retention check is on")
+    parallel_tables: int = Field(
+        4, ge=1, description="tables compacted and vacuumed at once: each is a few short Spark jobs, which "
+                             "leave most of a cluster idle one table at a time")
 
 
 class PipelineConfig(Section):

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -502,22 +503,28 @@ def run_maintain(spark: SparkSession, config: PipelineConfig, names: list[str] |
     """OPTIMIZE then VACUUM each table of ``names`` (default: every table of the contract) that exists.
 
     Returns ``{"tables": {name: {files_before, files_after, files_vacuumed}}, "missing": [names not in
-    the warehouse]}``. Tables are done one at a time, in pipeline order; a missing table is skipped, so
-    an empty warehouse is a no-op. Safe beside other jobs (see ``tables.compact_and_vacuum``), but the
-    DAG runs it after the day's publish so that it does not slow the day's writes.
+    the warehouse]}``. ``maintenance.parallel_tables`` tables are done at once (Spark runs the jobs of
+    several threads side by side): on a warehouse of small tables each step is a few short Spark jobs
+    that leave most cores idle. A missing table is skipped, so an empty warehouse is a no-op. Safe beside
+    other jobs (see ``tables.compact_and_vacuum``), but the DAG runs it after the day's publish so that it
+    does not slow the day's writes.
     """
     names = tb.check_table_names(names) if names is not None else list(tb.TABLES)
     hours = config.maintenance.vacuum_retention_hours
-    done: dict[str, dict[str, int | None]] = {}
-    missing = []
-    for name in names:
-        if not tb.exists(spark, config.warehouse, name):
-            missing.append(name)
-            continue
+    present = [name for name in names if tb.exists(spark, config.warehouse, name)]
+    missing = [name for name in names if name not in present]
+
+    def maintain(name: str) -> dict[str, int | None]:
         log.info("%s: compacting, then vacuuming files replaced more than %d h ago", name, hours)
-        done[name] = tb.compact_and_vacuum(spark, config.warehouse, name, hours)
-        log.info("%s: %d -> %d files, %s vacuumed", name, done[name]["files_before"], done[name]["files_after"],
-                 done[name]["files_vacuumed"])
+        done = tb.compact_and_vacuum(spark, config.warehouse, name, hours)
+        log.info("%s: %d -> %d files, %s vacuumed", name, done["files_before"], done["files_after"],
+                 done["files_vacuumed"])
+        return done
+
+    # One setting of the listing parallelism for all the threads (each vacuum would otherwise set and
+    # unset it under the others).
+    with tb.listing_parallelism(spark), ThreadPoolExecutor(config.maintenance.parallel_tables) as pool:
+        done = dict(zip(present, pool.map(maintain, present), strict=True))
     if missing:
         log.info("not in the warehouse, skipped: %s", ", ".join(missing))
     return {"tables": done, "missing": missing}

@@ -383,12 +383,12 @@ LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 
 
 @contextmanager
-def _listing_parallelism(spark: SparkSession) -> Iterator[None]:
+def listing_parallelism(spark: SparkSession) -> Iterator[None]:
     """VACUUM lists a table's files in ``LISTING_PARALLELISM`` tasks per stage. Spark's default, 10,000,
     made a tiny table's vacuum about 100,000 tasks, and the DAG's maintain task (14 small tables,
     spark-submit on 2 cores) 5 minutes; twice the cluster's cores lists as fast as the cluster can. A
-    value given at launch is kept."""
-    set_here = not spark.sparkContext.getConf().contains(LISTING_PARALLELISM)
+    value already set (at launch, or by an enclosing ``listing_parallelism``) is kept."""
+    set_here = spark.conf.get(LISTING_PARALLELISM, None) is None
     if set_here:
         spark.conf.set(LISTING_PARALLELISM, str(2 * spark.sparkContext.defaultParallelism))
     try:
@@ -419,7 +419,7 @@ def compact_and_vacuum(spark: SparkSession, warehouse: str, name: str, retention
     after = _num_files(table)
     last_version = table.history(1).select("version").first()[0]
     try:
-        with _listing_parallelism(spark):
+        with listing_parallelism(spark):
             table.vacuum(retention_hours)
     except IllegalArgumentException as exc:
         if "retention" not in str(exc):

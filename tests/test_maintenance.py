@@ -19,6 +19,7 @@ from recsys_spark.errors import ConfigError, RecsysError
 REPO = Path(__file__).resolve().parents[1]
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 COMMITS = 3  # small appends, two files each
+ROWS_SCHEMA = "user_idx int, item_idx int, weight double"
 
 
 def _rows(df) -> list[tuple]:
@@ -35,7 +36,7 @@ def fragmented(spark, warehouse) -> str:
     path = tb.table_path(warehouse, tb.INTERACTIONS)
     for i in range(COMMITS):
         rows = [(i, j, float(i + j)) for j in range(6)]
-        batch = spark.createDataFrame(rows, "user_idx int, item_idx int, weight double")
+        batch = spark.createDataFrame(rows, ROWS_SCHEMA)
         batch.repartition(2).write.format("delta").mode("append").save(path)
     assert _files(spark, warehouse, tb.INTERACTIONS) == 2 * COMMITS
     return warehouse
@@ -48,6 +49,8 @@ def _config(warehouse: str, hours: int = 168):
 def test_defaults_equal_the_yaml_and_a_negative_retention_is_refused():
     assert load_config(REPO / "conf" / "pipeline.yaml").maintenance == MaintenanceConfig()
     assert MaintenanceConfig().vacuum_retention_hours == 168
+    with pytest.raises(ConfigError, match="parallel_tables"):
+        load_config(overrides=["maintenance.parallel_tables=0"])
     with pytest.raises(ConfigError, match="vacuum_retention_hours"):
         load_config(overrides=["maintenance.vacuum_retention_hours=-1"])
 
@@ -108,6 +111,24 @@ def test_maintenance_is_no_change_to_the_resume_rule(spark, fragmented):
 
     assert tb.last_commit_time(spark, warehouse, tb.INTERACTIONS) == written
     assert tb.is_current(spark, warehouse, tb.TRAIN, [tb.INTERACTIONS])
+
+
+def test_tables_maintained_side_by_side_all_end_compacted_with_their_rows(spark, warehouse):
+    """``maintenance.parallel_tables`` tables at once, from threads of one session: each is compacted,
+    each keeps its rows, and the listing parallelism set around them is unset afterwards."""
+    names = [tb.INTERACTIONS, tb.TRAIN, tb.TEST]
+    for name in names:
+        for i in range(2):
+            batch = spark.createDataFrame([(i, j, float(j)) for j in range(4)], ROWS_SCHEMA)
+            batch.repartition(2).write.format("delta").mode("append").save(tb.table_path(warehouse, name))
+    before = {name: _rows(tb.read(spark, warehouse, name)) for name in names}
+    config = load_config(overrides=[f"warehouse={warehouse}", f"maintenance.parallel_tables={len(names)}"])
+    done = pipeline.run_maintain(spark, config, names)
+    assert sorted(done["tables"]) == sorted(names) and done["missing"] == []
+    for name in names:
+        assert done["tables"][name]["files_before"] == 4 and done["tables"][name]["files_after"] == 1, name
+        assert _rows(tb.read(spark, warehouse, name)) == before[name], name
+    assert spark.conf.get(tb.LISTING_PARALLELISM, None) is None
 
 
 def test_the_command_reports_each_table_in_its_summary(spark, fragmented, capsys):
