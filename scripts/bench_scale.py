@@ -207,7 +207,7 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
             active, user_items[active], N=k, filter_already_liked_items=True), warm=True)
     spark.stop()
     seconds = {key: value["seconds"] for key, value in steps.items()}
-    mllib_best = min(seconds[f"mllib_recommend_for_all_users_b{s}"] for s in block_sizes)
+    mllib_best = seconds[f"mllib_recommend_for_all_users_b{best}"]
     return {
         "size": name, "users": n_users, "items": n_items, "interactions": rows, "rank": rank,
         "iterations": iterations, "k": k, "threads": threads, "most_seen_per_user": most_seen,
