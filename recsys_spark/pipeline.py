@@ -25,7 +25,7 @@ from recsys_spark.data import features, indexing, interactions, sequences, split
 from recsys_spark.data.sequences import session_item_arrays
 from recsys_spark.errors import RecsysError
 from recsys_spark.evaluate import probe as pr
-from recsys_spark.evaluate.ranking import evaluate, format_table, summary_columns, with_run_info
+from recsys_spark.evaluate.ranking import METRICS_SCHEMA, evaluate, format_table, summary_columns, with_run_info
 from recsys_spark.evaluate.sessions import BASELINES, N_QUERIES, SessionScorer, evaluate_sessions
 from recsys_spark.models import registry
 from recsys_spark.models.base import META_FILE, Recommender
@@ -83,27 +83,30 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
             .persist()
         )
         table = interactions.aggregate(indexed, tb.USER_IDX, tb.ITEM_IDX).join(order, tb.ITEM_IDX)
-        tb.overwrite(table, wh, tb.INTERACTIONS)
+        written = {tb.INTERACTIONS: tb.overwrite(table, wh, tb.INTERACTIONS)}
         table = tb.read(spark, wh, tb.INTERACTIONS)
         temporal = splits.temporal(indexed, ic.test_fraction)
         by_split = {
             splits.LEAVE_LAST_OUT: splits.leave_last_out(table),
             splits.TEMPORAL: tuple(part.join(order, tb.ITEM_IDX) for part in temporal),
         }
-        tb.overwrite(_tagged({k: v[0] for k, v in by_split.items()}), wh, tb.TRAIN, partition_by=[tb.SPLIT])
-        tb.overwrite(_tagged({k: v[1] for k, v in by_split.items()}), wh, tb.TEST, partition_by=[tb.SPLIT])
+        written[tb.TRAIN] = tb.overwrite(_tagged({k: v[0] for k, v in by_split.items()}), wh, tb.TRAIN,
+                                         partition_by=[tb.SPLIT])
+        written[tb.TEST] = tb.overwrite(_tagged({k: v[1] for k, v in by_split.items()}), wh, tb.TEST,
+                                        partition_by=[tb.SPLIT])
         train = tb.read(spark, wh, tb.TRAIN)
         seqs = {
             name: sequences.user_sequences(train.filter(F.col(tb.SPLIT) == name), ic.max_sequence_length)
             for name in by_split
         }
-        tb.overwrite(_tagged(seqs), wh, tb.SEQUENCES, partition_by=[tb.SPLIT])
-        tb.overwrite(sequences.sessions(indexed, ic.session_gap_minutes), wh, tb.SESSIONS)
+        written[tb.SEQUENCES] = tb.overwrite(_tagged(seqs), wh, tb.SEQUENCES, partition_by=[tb.SPLIT])
+        written[tb.SESSIONS] = tb.overwrite(sequences.sessions(indexed, ic.session_gap_minutes), wh, tb.SESSIONS)
         indexed.unpersist()
         order.unpersist()
     finally:
         weighted.unpersist()
-    return {name: tb.read(spark, wh, name).count() for name in INDEX_TABLES + DERIVED_TABLES}
+    # The index tables hold earlier days' ids too, so they are counted; the others' rows are their writes'.
+    return {**{name: tb.read(spark, wh, name).count() for name in INDEX_TABLES}, **written}
 
 
 def interactions_are_current(spark: SparkSession, config: PipelineConfig) -> bool:
@@ -218,8 +221,7 @@ def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run:
             continue
         ids = tb.read(spark, config.warehouse, index)
         rows = _with_run(factors.join(ids, idx_col), run, model_name)
-        tb.replace_where(rows, config.warehouse, table, run.where(model_name), GOLD_PARTITIONS)
-        exported[table] = rows.count()
+        exported[table] = tb.replace_where(rows, config.warehouse, table, run.where(model_name), GOLD_PARTITIONS)
     return {"model": model_name, "path": model.workdir, "embeddings": exported}
 
 
@@ -328,8 +330,7 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
     rows = _with_run(to_original_ids(recs, users_index, items_index), run, model_name).select(
         tb.RUN_ID, tb.MODEL, tb.SPLIT, tb.USER_ID, tb.RANK, tb.ITEM_ID, tb.SCORE, tb.RUN_DATE
     )
-    tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name), GOLD_PARTITIONS)
-    n = tb.read(spark, wh, tb.RECOMMENDATIONS).filter(run.where(model_name)).count()
+    n = tb.replace_where(rows, wh, tb.RECOMMENDATIONS, run.where(model_name), GOLD_PARTITIONS)
     out = {"model": model_name, "rows_out": n}
     return {**out, "model_date": model_date.isoformat(), "folded_in": folded} if fold_in else out
 
@@ -347,9 +348,8 @@ def run_similar_items(spark: SparkSession, config: PipelineConfig, model_name: s
                            F.col(tb.ITEM_ID).alias(tb.SIMILAR_ITEM_ID)), tb.SIMILAR_ITEM_IDX)
         .select(tb.ITEM_ID, tb.SIMILAR_ITEM_ID, tb.SCORE, tb.RANK)
     )
-    tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name),
-                     GOLD_PARTITIONS)
-    n = tb.read(spark, wh, tb.SIMILAR_ITEMS).filter(run.where(model_name)).count()
+    n = tb.replace_where(_with_run(similar, run, model_name), wh, tb.SIMILAR_ITEMS, run.where(model_name),
+                         GOLD_PARTITIONS)
     return {"model": model_name, "rows_out": n}
 
 
@@ -364,8 +364,15 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     """
     wh = config.warehouse
     recs_all = tb.read(spark, wh, tb.RECOMMENDATIONS)
+    day = recs_all.filter((F.col(tb.RUN_DATE) == F.lit(run.run_date)) & (F.col(tb.SPLIT) == run.split))
     if models is None:
-        models = _models_with_recommendations(recs_all, config, run, echo)
+        models = _models_with_recommendations(day, config, run, echo)
+    else:
+        present = {r[0] for r in day.filter(F.col(tb.MODEL).isin(models)).select(tb.MODEL).distinct().collect()}
+        for model_name in models:
+            if model_name not in present:
+                raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
+                                  f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
     train = _split(spark, config, tb.TRAIN, run.split)
     test = _split(spark, config, tb.TEST, run.split)
     users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
@@ -373,27 +380,28 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     frames = []
     for model_name in models:
         recs = (
-            recs_all.filter(run.where(model_name)).filter(F.col(tb.SPLIT) == run.split)
+            day.filter(F.col(tb.MODEL) == model_name)
             .join(users, tb.USER_ID).join(items, tb.ITEM_ID)
             .select(tb.USER_IDX, tb.ITEM_IDX, tb.SCORE, tb.RANK)
         )
-        if recs.limit(1).count() == 0:
-            raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
-                              f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
-        values = evaluate(recs, test, train, config.evaluate.ks, n_items)
-        rows = with_run_info(values, run.run_id, run.run_date, model_name, run.split)
+        # Computed once, to the driver (a few rows per metric), and written from there: writing the lazy
+        # frame and then collecting it would score every list twice.
+        values = evaluate(recs, test, train, config.evaluate.ks, n_items).toPandas()
+        local = [(m, int(k), None if pd.isna(v) else float(v))  # null stays null, not NaN
+                 for m, k, v in zip(values[tb.METRIC], values[tb.K], values[tb.VALUE], strict=True)]
+        rows = with_run_info(spark.createDataFrame(local, METRICS_SCHEMA), run.run_id, run.run_date, model_name,
+                             run.split)
         # Only this split's rows: the session protocol's rows (split 'sessions') stay.
         tb.replace_where(rows, wh, tb.METRICS, f"{run.where(model_name)} AND {tb.SPLIT} = '{run.split}'",
                          GOLD_PARTITIONS)
-        frames.append(values.toPandas().assign(model=model_name))
+        frames.append(values.assign(model=model_name))
     return pd.concat(frames, ignore_index=True)
 
 
 def _models_with_recommendations(recs: DataFrame, config: PipelineConfig, run: Run, echo) -> list[str]:
-    """The models with rows of this run date and split in gold/recommendations: configured ones first,
-    in their order; says which configured models it skips."""
-    day = (F.col(tb.RUN_DATE) == F.lit(run.run_date)) & (F.col(tb.SPLIT) == run.split)
-    present = {r[0] for r in recs.filter(day).select(tb.MODEL).distinct().collect()}
+    """The models with rows in ``recs`` (gold/recommendations of this run date and split): configured ones
+    first, in their order; says which configured models it skips."""
+    present = {r[0] for r in recs.select(tb.MODEL).distinct().collect()}
     if not present:
         raise RecsysError(f"no recommendations for run date {run.run_date} ({run.split} split) in "
                           f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model <name>` first")

@@ -435,10 +435,9 @@ def build_features(spark: SparkSession, warehouse: str, side: Mapping[str, DataF
             vocab = extend_vocab(spark, warehouse, [(users_raw, user_fields), (items_raw, item_fields)])
         else:
             vocab = Vocabulary.read(spark, warehouse)
-        tb.overwrite(encode(users_raw, vocab, user_fields), warehouse, tb.USER_FEATURES)
-        tb.overwrite(encode(items_raw, vocab, item_fields), warehouse, tb.ITEM_FEATURES)
+        counts = {tb.USER_FEATURES: tb.overwrite(encode(users_raw, vocab, user_fields), warehouse, tb.USER_FEATURES),
+                  tb.ITEM_FEATURES: tb.overwrite(encode(items_raw, vocab, item_fields), warehouse, tb.ITEM_FEATURES)}
     finally:
         users_raw.unpersist()
         items_raw.unpersist()
-    return {name: tb.read(spark, warehouse, name).count()
-            for name in (tb.USER_FEATURES, tb.ITEM_FEATURES, tb.FEATURE_VOCAB)}
+    return {**counts, tb.FEATURE_VOCAB: tb.read(spark, warehouse, tb.FEATURE_VOCAB).count()}
