@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from recsys_spark.session import driver_java_options
+
 pytestmark = pytest.mark.airflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +31,11 @@ CONN_ID = "recsys_local_spark"
 K = 10
 # Small enough for a whole run in a few minutes on 2 cores.
 OVERRIDES = [f"recommend.k={K}", "evaluate.ks=[5,10]", "model_params.als.rank=8", "model_params.als.max_iter=3"]
+# The drivers start from the venv's class archive as README "On a cluster with spark-submit" says.
 SPARK_CONF = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2",
               "spark.databricks.delta.snapshotPartitions": "2",
-              "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+              "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+              "spark.driver.extraJavaOptions": driver_java_options()}
 
 DUMP_DAG = """
 import json, sys
