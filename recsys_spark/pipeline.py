@@ -365,14 +365,13 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     wh = config.warehouse
     recs_all = tb.read(spark, wh, tb.RECOMMENDATIONS)
     day = recs_all.filter((F.col(tb.RUN_DATE) == F.lit(run.run_date)) & (F.col(tb.SPLIT) == run.split))
+    present = {r[0] for r in day.select(tb.MODEL).distinct().collect()}
     if models is None:
-        models = _models_with_recommendations(day, config, run, echo)
-    else:
-        present = {r[0] for r in day.filter(F.col(tb.MODEL).isin(models)).select(tb.MODEL).distinct().collect()}
-        for model_name in models:
-            if model_name not in present:
-                raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
-                                  f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
+        models = _models_with_recommendations(present, config, run, echo)
+    for model_name in models:
+        if model_name not in present:
+            raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
+                              f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
     train = _split(spark, config, tb.TRAIN, run.split)
     test = _split(spark, config, tb.TEST, run.split)
     users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
@@ -398,10 +397,9 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     return pd.concat(frames, ignore_index=True)
 
 
-def _models_with_recommendations(recs: DataFrame, config: PipelineConfig, run: Run, echo) -> list[str]:
-    """The models with rows in ``recs`` (gold/recommendations of this run date and split): configured ones
-    first, in their order; says which configured models it skips."""
-    present = {r[0] for r in recs.select(tb.MODEL).distinct().collect()}
+def _models_with_recommendations(present: set[str], config: PipelineConfig, run: Run, echo) -> list[str]:
+    """The models of ``present`` (those with rows of this run date and split in gold/recommendations):
+    configured ones first, in their order; says which configured models it skips."""
     if not present:
         raise RecsysError(f"no recommendations for run date {run.run_date} ({run.split} split) in "
                           f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model <name>` first")
