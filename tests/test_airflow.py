@@ -37,24 +37,31 @@ SPARK_CONF = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "2", 
               "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
               "spark.driver.extraJavaOptions": driver_java_options()}
 
-DUMP_DAG = """
-import json, sys
+# Parses the DAG folder once per settings variant, in one process (importing Airflow costs ~5 s): argv[2] is a
+# JSON file of {variant: settings}; each is given through the Variable's environment variable, which Airflow
+# reads again on every parse.
+DUMP_DAGS = """
+import json, os, sys
 from airflow.models.dagbag import DagBag
-bag = DagBag(sys.argv[1])
-dag = bag.dags.get("recsys_daily")
-out = {"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()}, "tasks": {}}
-if dag is not None:
-    out["dag"] = {"max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
-                  "timetable": type(dag.timetable).__name__}
-    for t in dag.tasks:
-        out["tasks"][t.task_id] = {
-            "operator": type(t).__name__, "upstream": sorted(t.upstream_task_ids),
-            "retries": t.retries, "backoff": float(t.retry_exponential_backoff),
-            "retry_delay_s": t.retry_delay.total_seconds(), "max_retry_delay_s": t.max_retry_delay.total_seconds(),
-            "application": t.application, "args": t.application_args, "conf": t.conf, "jars": t.jars,
-            "packages": t.packages, "py_files": t.py_files, "conn_id": t._conn_id,
-        }
-print("DAG-JSON " + json.dumps(out))
+result = {}
+for name, settings in json.load(open(sys.argv[2])).items():
+    os.environ["AIRFLOW_VAR_RECSYS_DAILY"] = json.dumps(settings)
+    bag = DagBag(sys.argv[1])
+    dag = bag.dags.get("recsys_daily")
+    out = {"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()}, "tasks": {}}
+    if dag is not None:
+        out["dag"] = {"max_active_runs": dag.max_active_runs, "catchup": dag.catchup,
+                      "timetable": type(dag.timetable).__name__}
+        for t in dag.tasks:
+            out["tasks"][t.task_id] = {
+                "operator": type(t).__name__, "upstream": sorted(t.upstream_task_ids),
+                "retries": t.retries, "backoff": float(t.retry_exponential_backoff),
+                "retry_delay_s": t.retry_delay.total_seconds(), "max_retry_delay_s": t.max_retry_delay.total_seconds(),
+                "application": t.application, "args": t.application_args, "conf": t.conf, "jars": t.jars,
+                "packages": t.packages, "py_files": t.py_files, "conn_id": t._conn_id,
+            }
+    result[name] = out
+print("DAG-JSON " + json.dumps(result))
 """
 
 
@@ -91,8 +98,11 @@ class Airflow:
         done.stdout = path.read_text()
         return done
 
-    def dag(self, settings: dict | None = None) -> dict:
-        done = self.run("python", "-c", DUMP_DAG, str(REPO / "scripts" / "airflow"), settings=settings)
+    def dags(self, variants: dict[str, dict]) -> dict[str, dict]:
+        """The DAG as parsed with each variant's settings: {variant: {"import_errors", "tasks", "dag"}}."""
+        path = self.log_dir / "dag-variants.json"
+        path.write_text(json.dumps(variants))
+        done = self.run("python", "-c", DUMP_DAGS, str(REPO / "scripts" / "airflow"), str(path))
         assert done.returncode == 0, done.stderr[-3000:]
         line = next(x for x in done.stdout.splitlines() if x.startswith("DAG-JSON "))
         return json.loads(line.removeprefix("DAG-JSON "))
@@ -142,23 +152,45 @@ def airflow(airflow_venv, events, tmp_path_factory) -> Airflow:
     return af
 
 
-def test_dag_folder_has_no_import_errors(airflow):
+DEEPFM_MODELS = ["popularity", "als", "deepfm"]
+
+
+@pytest.fixture(scope="module")
+def dags(airflow) -> dict[str, dict]:
+    """The DAG parsed under every settings variant the tests below read, in one Airflow process."""
+    s = airflow.settings
+    deepfm = {**s, "models": DEEPFM_MODELS, "overrides": [*OVERRIDES, "model_params.deepfm.candidates=als"]}
+    return airflow.dags({
+        "default": s,
+        "misspelt_key": {**s, "modles": ["als"]},
+        "no_maintain": {**s, "maintain": False},
+        "maintain_not_a_bool": {**s, "maintain": "no"},
+        "models_from_config": {k: v for k, v in s.items() if k != "models"},
+        "deepfm": deepfm,
+        # Re-ranking a model the DAG does not run.
+        "deepfm_of_sasrec": {**deepfm, "overrides": [*OVERRIDES, "model_params.deepfm.candidates=sasrec"]},
+        "refit_daily": {**s, "refit_every_days": 1},
+        "refit_never": {**s, "refit_every_days": 0},
+    })
+
+
+def test_dag_folder_has_no_import_errors(airflow, dags):
     done = airflow.run("airflow", "dags", "list-import-errors", "--local", "--output", "json")
     assert done.returncode == 0, _tail(done.stderr)
     assert "recsys_daily" not in done.stdout and "Traceback" not in done.stdout, done.stdout
-    assert airflow.dag()["import_errors"] == {}
+    assert dags["default"]["import_errors"] == {}
 
 
-def test_a_bad_variable_is_an_import_error_that_names_the_key(airflow):
-    dag = airflow.dag(settings={**airflow.settings, "modles": ["als"]})
+def test_a_bad_variable_is_an_import_error_that_names_the_key(dags):
+    dag = dags["misspelt_key"]
     assert dag["tasks"] == {}
     assert any("modles" in err for err in dag["import_errors"].values()), dag["import_errors"]
 
 
-def test_dag_shape_retries_and_arguments(airflow):
+def test_dag_shape_retries_and_arguments(airflow, dags):
     from recsys_spark.session import DELTA_VERSION
 
-    dag = airflow.dag()
+    dag = dags["default"]
     assert dag["import_errors"] == {}
     assert dag["dag"] == {"max_active_runs": 1, "catchup": False, "timetable": "CronDataIntervalTimetable"}
     tasks = dag["tasks"]
@@ -205,50 +237,45 @@ def test_dag_shape_retries_and_arguments(airflow):
     assert tasks["maintain"]["application"] == str(REPO / "jobs" / "maintain.py")
 
 
-def test_maintenance_can_be_left_out(airflow):
-    tasks = airflow.dag(settings={**airflow.settings, "maintain": False})["tasks"]
+def test_maintenance_can_be_left_out(dags):
+    tasks = dags["no_maintain"]["tasks"]
     assert "maintain" not in tasks and "publish" in tasks
-    dag = airflow.dag(settings={**airflow.settings, "maintain": "no"})
+    dag = dags["maintain_not_a_bool"]
     assert dag["tasks"] == {} and "must be true or false" in " ".join(dag["import_errors"].values())
 
 
-def test_models_default_to_the_config_file(airflow):
+def test_models_default_to_the_config_file(dags):
     import yaml
 
     configured = yaml.safe_load((REPO / "conf" / "pipeline.yaml").read_text())["models"]
-    settings = {k: v for k, v in airflow.settings.items() if k != "models"}
-    tasks = airflow.dag(settings=settings)["tasks"]
+    tasks = dags["models_from_config"]["tasks"]
     assert sorted(t for t in tasks if t.startswith("train_")) == sorted(f"train_{m}" for m in configured)
 
 
-def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(airflow):
-    models = ["popularity", "als", "deepfm"]
-    overrides = [*OVERRIDES, "model_params.deepfm.candidates=als"]
-    tasks = airflow.dag(settings={**airflow.settings, "models": models, "overrides": overrides})["tasks"]
+def test_deepfm_gets_a_features_task_and_waits_for_its_candidates(dags):
+    tasks = dags["deepfm"]["tasks"]
     assert tasks["features"]["upstream"] == ["interactions"]
     assert tasks["features"]["application"] == str(REPO / "jobs" / "features.py")
     assert tasks["train_deepfm"]["upstream"] == ["features", "interactions"]
     assert tasks["recommend_deepfm"]["upstream"] == ["recommend_als", "train_deepfm"]
     assert tasks["train_als"]["upstream"] == ["interactions"]  # only DeepFM reads the features
     # Re-ranking a model the DAG does not run is an import error that names it.
-    bad = [*OVERRIDES, "model_params.deepfm.candidates=sasrec"]
-    dag = airflow.dag(settings={**airflow.settings, "models": models, "overrides": bad})
-    assert "sasrec" in " ".join(dag["import_errors"].values())
+    assert "sasrec" in " ".join(dags["deepfm_of_sasrec"]["import_errors"].values())
 
 
-def test_als_folds_in_daily_and_refits_every_n_days(airflow):
+def test_als_folds_in_daily_and_refits_every_n_days(dags):
     """The cheap path for a model that folds in new users (ALS): its train task refits only when the
     newest saved model is `refit_every_days` old (decided by the job, so the first day refits) and its
     recommend task folds new users in; other models are unchanged, and 1 restores the daily refit."""
-    tasks = airflow.dag()["tasks"]
+    tasks = dags["default"]["tasks"]
     assert tasks["train_als"]["args"][:4] == ["--model", "als", "--refit-every-days", "7"]
     assert tasks["recommend_als"]["args"][:3] == ["--model", "als", "--fold-in"]
     assert tasks["train_popularity"]["args"][:2] == ["--model", "popularity"]
     plain = [a for t in ("train_popularity", "recommend_popularity") for a in tasks[t]["args"]]
     assert "--fold-in" not in plain and "--refit-every-days" not in plain
-    daily = airflow.dag(settings={**airflow.settings, "refit_every_days": 1})["tasks"]
+    daily = dags["refit_daily"]["tasks"]
     assert "--refit-every-days" not in daily["train_als"]["args"] and "--fold-in" not in daily["recommend_als"]["args"]
-    bad = airflow.dag(settings={**airflow.settings, "refit_every_days": 0})
+    bad = dags["refit_never"]
     assert bad["tasks"] == {} and "refit_every_days" in " ".join(bad["import_errors"].values())
 
 
