@@ -55,7 +55,10 @@ class Cluster:
         self.url = f"spark://127.0.0.1:{self.port}"
         self.work_dirs = [root / f"worker{i}" for i in range(2)]
         self.env = {**os.environ, "SPARK_HOME": str(self.spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
-                    "PYSPARK_PYTHON": sys.executable, "SPARK_NO_DAEMONIZE": "1"}
+                    "PYSPARK_PYTHON": sys.executable, "SPARK_NO_DAEMONIZE": "1",
+                    # A master starved of CPU for 60 s (the default) dropped both workers and the app got
+                    # new executors, under a loaded 2-core machine; losing a worker is not this test's subject.
+                    "SPARK_MASTER_OPTS": "-Dspark.worker.timeout=600"}
         self.procs: list[subprocess.Popen] = []
 
     def _start(self, name: str, *args: str) -> None:
