@@ -1,9 +1,14 @@
-"""Benchmark: generate N synthetic events, then time ingest + interactions on this machine.
+"""Benchmark: the pipeline's steps at scale, one fresh process per size, on generated events.
 
-Each size runs in a fresh process (one SparkSession, started before the clock), so figures are the
-steps' own work; the process tree's peak resident memory (driver JVM + Python workers) is sampled.
+generate -> ingest -> interactions, and with ``--models`` also train -> recommend for each model and
+one evaluate. The SparkSession starts before the clock, so figures are the steps' own work. The whole
+process tree (driver JVM + Python workers) is sampled every 0.2 s; each step gets its own peak
+resident memory (the child says when a step starts).
 
-    .venv/bin/python scripts/bench_ingest.py --events 1000000 10000000 --out .bench/ingest.json
+    .venv/bin/python scripts/bench_pipeline.py --events 1000000 10000000 --out .bench/ingest.json
+    .venv/bin/python scripts/bench_pipeline.py --events 10000000 --models als \\
+        --set generate.users=200000 --set generate.items=20000 --set model_params.als.rank=64 \\
+        --out .bench/end_to_end.json
 """
 
 from __future__ import annotations
@@ -22,27 +27,41 @@ import time
 import psutil
 
 STEP = r"""
-import json, sys, time
+import datetime as dt, json, sys, time
 from recsys_spark import pipeline
 from recsys_spark.config import load_config
 from recsys_spark.data import synthetic
 from recsys_spark.session import get_spark
 
-events, root = int(sys.argv[1]), sys.argv[2]
-config = load_config(overrides=[f"warehouse={root}/warehouse", f"generate.events={events}"])
-spark = get_spark("bench-ingest")
+events, root, models, overrides = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+config = load_config(overrides=[f"warehouse={root}/warehouse", f"generate.events={events}", "tracking.enabled=false",
+                                f"models=[{','.join(models)}]", *overrides])
+spark = get_spark("bench-pipeline")
+run = pipeline.Run.of(config, dt.date(2024, 2, 1))
 out = {}
-t = time.perf_counter()
-n = synthetic.write_events(synthetic.generate_events(spark, config.generate), f"{root}/events.parquet")
-out["generate_s"] = time.perf_counter() - t
-t = time.perf_counter()
-summary = pipeline.run_ingest(spark, config, f"{root}/events.parquet", "canonical")
-out["ingest_s"] = time.perf_counter() - t
-t = time.perf_counter()
-counts = pipeline.run_interactions(spark, config)
-out["interactions_s"] = time.perf_counter() - t
+
+def step(name, fn):
+    print("STEP " + name, flush=True)
+    t = time.perf_counter()
+    value = fn()
+    out[name + "_s"] = time.perf_counter() - t
+    return value
+
+n = step("generate", lambda: synthetic.write_events(synthetic.generate_events(spark, config.generate),
+                                                      f"{root}/events.parquet"))
+summary = step("ingest", lambda: pipeline.run_ingest(spark, config, f"{root}/events.parquet", "canonical"))
+counts = step("interactions", lambda: pipeline.run_interactions(spark, config))
+for model in models:
+    step(f"train_{model}", lambda: pipeline.run_train(spark, config, model, run))
+    out[f"recommendations_{model}"] = step(f"recommend_{model}",
+                                           lambda: pipeline.run_recommend(spark, config, model, run))["rows_out"]
+if models:
+    metrics = step("evaluate", lambda: pipeline.run_evaluate(spark, config, run, models))
+    out["ndcg@10"] = {r["model"]: r["value"] for r in metrics.to_dict("records")
+                      if r["metric"] == "ndcg" and r["k"] == 10}
+print("STEP done", flush=True)
 out.update(events=n, accepted=summary.accepted, interactions=counts["silver/interactions"],
-           users=counts["silver/user_index"], items=counts["silver/item_index"])
+           train=counts["silver/train"], users=counts["silver/user_index"], items=counts["silver/item_index"])
 print("RESULT " + json.dumps(out))
 """
 
@@ -57,53 +76,64 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_size(events: int) -> dict:
-    root = tempfile.mkdtemp(prefix="bench-ingest-")
+def run_size(events: int, models: list[str], overrides: list[str]) -> dict:
+    root = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
-        proc = subprocess.Popen([sys.executable, "-c", STEP, str(events), root], stdout=subprocess.PIPE, text=True)
-        ps, peak, done = psutil.Process(proc.pid), 0, threading.Event()
+        proc = subprocess.Popen([sys.executable, "-c", STEP, str(events), root, json.dumps(models),
+                                 json.dumps(overrides)], stdout=subprocess.PIPE, text=True)
+        ps, done = psutil.Process(proc.pid), threading.Event()
+        current, peaks = "session", {}
 
         def sample() -> None:
-            nonlocal peak
             while not done.is_set():
-                peak = max(peak, _tree_rss(ps))
+                peaks[current] = max(peaks.get(current, 0), _tree_rss(ps))
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        out, _ = proc.communicate()
+        result = None
+        for line in proc.stdout:
+            if line.startswith("STEP "):
+                current = line[5:].strip()
+                print(f"  {time.strftime('%H:%M:%S')} {current}", flush=True)
+            elif line.startswith("RESULT "):
+                result = json.loads(line[7:])
+        proc.wait()
         done.set()
         sampler.join()
-        if proc.returncode:
+        if proc.returncode or result is None:
             raise SystemExit(f"benchmark step failed for {events} events")
-        result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     total = result["ingest_s"] + result["interactions_s"]
     result.update(ingest_plus_interactions_s=total, events_per_s=result["events"] / total,
-                  peak_rss_gib=peak / 2**30)
+                  peak_rss_gib={step: round(rss / 2**30, 2) for step, rss in peaks.items() if step != "done"},
+                  load_average=os.getloadavg())
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--models", default="", help="comma-separated models to train, recommend and evaluate")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=".bench/ingest.json")
     args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
     machine = {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                "platform": platform.platform(), "python": platform.python_version()}
     results = []
-    print(f"{'events':>12} {'generate s':>11} {'ingest s':>9} {'interact. s':>11} {'total s':>8} "
-          f"{'events/s':>10} {'peak GiB':>9}")
     for n in args.events:
-        r = run_size(n)
+        r = run_size(n, models, args.set)
         results.append(r)
-        print(f"{r['events']:>12,} {r['generate_s']:>11.1f} {r['ingest_s']:>9.1f} {r['interactions_s']:>11.1f} "
-              f"{r['ingest_plus_interactions_s']:>8.1f} {r['events_per_s']:>10,.0f} {r['peak_rss_gib']:>9.2f}",
-              flush=True)
+        timings = {k[:-2]: round(v, 1) for k, v in r.items() if k.endswith("_s") and k != "events_per_s"}
+        print(f"{r['events']:,} events ({r['users']:,} users, {r['items']:,} items, {r['interactions']:,} "
+              f"interactions): seconds {timings}; {r['events_per_s']:,.0f} events/s through ingest + "
+              f"interactions; peak GiB {r['peak_rss_gib']}", flush=True)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:  # after every size, so a long run keeps what it measured
-            json.dump({"machine": machine, "load_average": os.getloadavg(), "results": results}, fh, indent=2)
+            json.dump({"machine": machine, "models": models, "overrides": args.set, "results": results}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":
