@@ -152,14 +152,12 @@ def airflow(airflow_venv, events, tmp_path_factory) -> Airflow:
     return af
 
 
-DEEPFM_MODELS = ["popularity", "als", "deepfm"]
-
-
 @pytest.fixture(scope="module")
 def dags(airflow) -> dict[str, dict]:
     """The DAG parsed under every settings variant the tests below read, in one Airflow process."""
     s = airflow.settings
-    deepfm = {**s, "models": DEEPFM_MODELS, "overrides": [*OVERRIDES, "model_params.deepfm.candidates=als"]}
+    deepfm = {**s, "models": ["popularity", "als", "deepfm"],
+              "overrides": [*OVERRIDES, "model_params.deepfm.candidates=als"]}
     return airflow.dags({
         "default": s,
         "misspelt_key": {**s, "modles": ["als"]},
