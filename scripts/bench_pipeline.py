@@ -38,13 +38,13 @@ config = load_config(overrides=[f"warehouse={root}/warehouse", f"generate.events
                                 f"models=[{','.join(models)}]", *overrides])
 spark = get_spark("bench-pipeline")
 run = pipeline.Run.of(config, dt.date(2024, 2, 1))
-out = {}
+out = {"seconds": {}}
 
 def step(name, fn):
     print("STEP " + name, flush=True)
     t = time.perf_counter()
     value = fn()
-    out[name + "_s"] = time.perf_counter() - t
+    out["seconds"][name] = time.perf_counter() - t
     return value
 
 n = step("generate", lambda: synthetic.write_events(synthetic.generate_events(spark, config.generate),
@@ -105,8 +105,9 @@ def run_size(events: int, models: list[str], overrides: list[str]) -> dict:
             raise SystemExit(f"benchmark step failed for {events} events")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    total = result["ingest_s"] + result["interactions_s"]
-    result.update(ingest_plus_interactions_s=total, events_per_s=result["events"] / total,
+    seconds = result["seconds"]
+    seconds["ingest_plus_interactions"] = seconds["ingest"] + seconds["interactions"]
+    result.update(events_per_s=result["events"] / seconds["ingest_plus_interactions"],
                   peak_rss_gib={step: round(rss / 2**30, 2) for step, rss in peaks.items() if step != "done"},
                   load_average=os.getloadavg())
     return result
@@ -126,7 +127,7 @@ def main() -> None:
     for n in args.events:
         r = run_size(n, models, args.set)
         results.append(r)
-        timings = {k[:-2]: round(v, 1) for k, v in r.items() if k.endswith("_s") and k != "events_per_s"}
+        timings = {step: round(t, 1) for step, t in r["seconds"].items()}
         print(f"{r['events']:,} events ({r['users']:,} users, {r['items']:,} items, {r['interactions']:,} "
               f"interactions): seconds {timings}; {r['events_per_s']:,.0f} events/s through ingest + "
               f"interactions; peak GiB {r['peak_rss_gib']}", flush=True)
