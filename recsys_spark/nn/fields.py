@@ -57,6 +57,11 @@ class FieldNetwork(nn.Module):
             self.bias = nn.Parameter(torch.zeros(()))
         nn.init.normal_(self.embedding.weight, std=0.01)
         nn.init.normal_(self.numeric_embedding, std=0.01)
+        if not n_numeric:  # empty [0, k] and [0]: kept for the state_dict's shape, but no gradient ever
+            # reaches them, and DistributedDataParallel refuses parameters that get none
+            for param in (self.numeric_embedding, getattr(self, "numeric_weight", None)):
+                if param is not None:
+                    param.requires_grad_(False)
         if first_order:
             nn.init.zeros_(self.weight.weight)
         return cardinalities
