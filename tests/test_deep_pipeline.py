@@ -22,6 +22,7 @@ from recsys_spark.errors import RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.deepfm import DeepFMNetParams, DeepFMParams, DeepFMRecommender
 from recsys_spark.models.gru4rec import GRU4RecNetParams, GRU4RecParams, GRU4RecRecommender
+from recsys_spark.train.distributed import run_one_rank
 from recsys_spark.train.trainer import TrainConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.torch]
@@ -139,6 +140,23 @@ def test_deepfm_fit_recommend_cold_user_save_load(spark, world, deepfm, tmp_path
     loaded = registry.load("deepfm", spark, str(tmp_path / "model"))
     assert loaded.params == model.params and loaded.spec == model.spec
     pd.testing.assert_frame_equal(_recs(loaded, users, world.train), recs)
+
+
+def test_an_exported_training_job_repeats_the_fit_under_ddp_without_spark(world, deepfm, tmp_path):
+    # What scripts/bench_training.py runs on a machine without Spark: the job rank 0 of the fit ran, here
+    # under the torch backend (one-rank DDP, Gloo) rather than the fixture's local launcher.
+    fitted, cold = deepfm
+    model = DeepFMRecommender(deepfm_params())
+    model.warehouse, model.run_date, model.workdir = world.warehouse, world.run.run_date, str(tmp_path / "work")
+    path = model.export_training(world.train.filter(F.col(tb.USER_IDX) != cold), str(tmp_path / "job.pt"))
+    assert model.module is None  # exported, not trained
+    job = torch.load(path, weights_only=False)
+    job.config = job.config.model_copy(update={"checkpoint_dir": str(tmp_path / "checkpoints")})
+    result = run_one_rank(job, "torch", seed=job.config.seed)
+    assert [round(row["train_loss"], 5) for row in result.history] == [
+        round(row["train_loss"], 5) for row in fitted.history]
+    assert result.history[-1]["ndcg@10"] == pytest.approx(fitted.history[-1]["ndcg@10"], abs=1e-6)
+    assert fitted.training["seconds_to_best"] > 0
 
 
 def test_deepfm_candidates_rerank_only_the_candidate_models_list(spark, world, deepfm):

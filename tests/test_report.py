@@ -25,7 +25,7 @@ RECS_SCHEMA = ("run_id string, model string, split string, user_id string, rank 
                "score double, run_date date")
 INTERACTIONS_SCHEMA = "user_idx int, item_idx int, weight double, n_events long, first_ts timestamp, last_ts timestamp"
 TRAINING = {"epochs_run": 3, "best_epoch": 3, "steps_to_best": 60, "steps_per_epoch": 20, "stopped_early": False,
-            "train_seconds": 41.5}
+            "train_seconds": 41.5, "seconds_to_best": 40.2}
 # Validation after epochs 2 and 4 only (few steps per epoch): the plot takes the epochs that have it.
 HISTORY = [{"epoch": e, "train_loss": 1.0 / e, "lr": 0.001, "seconds": 1.0, "samples_per_s": 100.0,
             **({"ndcg@10": 0.02 * e} if e % 2 == 0 else {})} for e in range(1, 6)]

@@ -36,9 +36,20 @@ from recsys_spark.scoring import ModuleSnapshot, build_module
 from recsys_spark.tables import require_columns
 from recsys_spark.train import distributed, loaders
 from recsys_spark.train.task import Holdout
-from recsys_spark.train.trainer import TrainConfig, TrainJob
+from recsys_spark.train.trainer import ShardJob, TrainConfig, TrainJob
 
 log = logging.getLogger(__name__)
+
+
+def _seconds_to(history: list[dict[str, float]], epoch: int | None) -> float | None:
+    """Wall seconds from the start of training to the end of ``epoch`` (its validation included)."""
+    rows = [row for row in history if row["epoch"] == epoch and "elapsed_s" in row]
+    return round(rows[0]["elapsed_s"], 3) if rows else None
+
+
+class _Exported(Exception):  # noqa: N818 - not an error: export_training's way out of fit
+    """Raised inside ``_fit`` once ``export_training`` has written its job."""
+
 
 WEIGHTS_FILE = "weights.pt"
 USERS_DIR = "users"
@@ -94,6 +105,7 @@ class TorchRecommender(Recommender):
         self.history: list[dict[str, float]] = []
         self.training: dict[str, Any] = {}  # how training went: best epoch, steps to best, wall time
         self.ranks: list[dict[str, Any]] = []
+        self._export_path: str | None = None  # set by export_training only
         self.n_users = self.n_items = 0
         self._users: DataFrame | None = None
 
@@ -102,6 +114,24 @@ class TorchRecommender(Recommender):
         return self.network
 
     # -- training -------------------------------------------------------------------------------
+    def export_training(self, train: DataFrame, path: str) -> str:
+        """Prepare everything ``fit`` would, then write the job of a single rank (a
+        :class:`~recsys_spark.train.trainer.ShardJob`: task, validation data, every training row, steps
+        per epoch at the global batch, config) to ``path`` with ``torch.save`` instead of training.
+
+        Why: to time or debug the network and the trainer where Spark is not, e.g. on a lent GPU machine
+        (``scripts/bench_training.py``): there ``torch.load(path, weights_only=False)(ctx)`` runs what rank 0
+        of a one-rank ``fit`` would. Nothing of the model is fitted; returns ``path``.
+        """
+        self._export_path = path
+        try:
+            self.fit(train)
+        except _Exported:
+            return path
+        finally:
+            self._export_path = None
+        raise RecsysError(f"{self.name}: fit finished without reaching the training step to export")
+
     def _fit(self, train: DataFrame) -> None:
         spark = train.sparkSession
         p: TorchParams = self.params
@@ -131,6 +161,13 @@ class TorchRecommender(Recommender):
             steps = loaders.steps_per_epoch(rows, config.batch_size, ranks)
             log.info("%s: %d training rows, %d ranks (%s), %d steps per epoch", self.name, rows, ranks,
                      p.backend, steps)
+            if self._export_path is not None:  # export_training: one rank's job, every row in its shard
+                import torch
+
+                shard = loaders.load_shard(converter, 0, 1, list(task.columns))
+                one_rank = loaders.steps_per_epoch(rows, config.batch_size, 1)
+                torch.save(ShardJob(task, shard, one_rank, config), self._export_path)
+                raise _Exported
             job = distributed.Located(TrainJob(task, converter, steps, config))
             results = distributed.launch(spark, job, p.backend, ranks, seed=config.seed)
         finally:
@@ -142,7 +179,8 @@ class TorchRecommender(Recommender):
         self.history = [{**row, "samples_per_s": samples / row["seconds"]} for row in result.history]
         self.training = {"best_epoch": result.best_epoch, "steps_to_best": result.best_step,
                          "steps_per_epoch": steps, "epochs_run": len(result.history),
-                         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 3)}
+                         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 3),
+                         "seconds_to_best": _seconds_to(result.history, result.best_epoch)}
 
     def _sizes(self, n_users: int, n_items: int) -> tuple[int, int]:
         """(users, items) the network is built for, given the training data's (largest index + 1)."""

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 _BUCKET = "bucket"
 # The torch models' training summary (model.json "training"), as the report's table shows it.
-TRAINING_COLUMNS = ["epochs_run", "best_epoch", "steps_to_best", "steps_per_epoch", "stopped_early", "train_seconds"]
+TRAINING_COLUMNS = ["epochs_run", "best_epoch", "steps_to_best", "steps_per_epoch", "stopped_early", "train_seconds",
+                    "seconds_to_best"]
 COUNT = "count"  # the count column of the collected aggregates (events, users, items per bucket)
 # The embedding probes' table: one row per model and target, these columns.
 PROBE_COLUMNS = [tb.MODEL, "entity", "target", pr.AUC, pr.ACCURACY, pr.MAJORITY_ACCURACY, pr.N_ROWS,

@@ -364,6 +364,32 @@ def launch(
     return _launch_torch(spark, train_fn, num_proc, seed)
 
 
+def run_one_rank(train_fn: Callable[[DistContext], R], backend: Literal["torch", "local"] = "torch",
+                 seed: int = 0) -> R:
+    """``train_fn`` as the only rank of a job in this process, without Spark: ``torch`` is a one-rank
+    torch.distributed group (NCCL on a GPU, Gloo on the CPU: the collectives a ``torch`` rank runs),
+    ``local`` the plain :class:`LocalContext`. For timing or debugging a job exported with
+    ``TorchRecommender.export_training`` where Spark is not (``scripts/bench_training.py``)."""
+    if backend == "local":
+        return _launch_local(train_fn, seed)
+    if backend != "torch":
+        raise RecsysError(f"run_one_rank runs 'torch' or 'local', not {backend!r}")
+    import torch
+
+    with socket.socket() as probe:  # a free port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    threads = torch.get_num_threads()
+    ctx = TorchContext()
+    try:
+        return _run_rank(ctx, train_fn, seed)
+    finally:
+        ctx.close()
+        torch.set_num_threads(threads)
+
+
 def _launch_local(train_fn: Callable[[DistContext], R], seed: int) -> R:
     import torch
 

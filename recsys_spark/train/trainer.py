@@ -130,8 +130,9 @@ class TrainResult:
 
     ``state_dict``: CPU weights of the best epoch by ``early_stopping_metric``, or of the last epoch
     when no metric is set. ``history``: one row per completed epoch (including epochs before a resume):
-    ``epoch`` (1-based), ``train_loss`` (mean over steps and ranks), ``lr``, ``seconds`` and, on the
-    epochs that validated, the validation metrics. The same history is on every rank.
+    ``epoch`` (1-based), ``train_loss`` (mean over steps and ranks), ``lr``, ``seconds`` (the epoch's
+    training), ``elapsed_s`` (since ``fit`` started, validation included) and, on the epochs that
+    validated, the validation metrics. The same history is on every rank.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -256,7 +257,7 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
                        "seconds": time.perf_counter() - started}
                 due = validations(epoch, epoch + 1, steps_per_epoch, config) > 0 or epoch + 1 == config.epochs
                 decision, best_state = _end_epoch(task, model, optimizer, config, progress, row, best_state,
-                                                  init_kwargs, due, steps_per_epoch)
+                                                  init_kwargs, due, steps_per_epoch, fit_started)
                 bar.set_postfix({k: round(v, 4) for k, v in row.items() if k not in ("epoch", "seconds")})
             progress, stop, error = ctx.broadcast_object(decision)
             if error:
@@ -277,9 +278,11 @@ def fit(task: TrainTask, ctx: DistContext, shard: ShardData, steps_per_epoch: in
                        time.perf_counter() - fit_started)
 
 
-def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_kwargs, due, steps_per_epoch):
+def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_kwargs, due, steps_per_epoch,
+               fit_started):
     """Rank 0 after an epoch: validate (when ``due``), update best and history, checkpoint, decide whether
-    to stop.
+    to stop. The row gets ``elapsed_s``, the wall time since this process's ``fit`` started, validation
+    included: at the best epoch, the time to reach the best (a resumed run counts from its resume).
 
     Returns ``(progress, stop, error)`` for broadcasting, and the best weights so far. An exception becomes
     ``error``, so the other ranks raise too instead of waiting for a broadcast that never comes.
@@ -292,6 +295,7 @@ def _end_epoch(task, model, optimizer, config, progress, row, best_state, init_k
                 metrics = {name: float(value) for name, value in task.validate(model).items()}
             model.train()
         row.update(metrics)
+        row["elapsed_s"] = time.perf_counter() - fit_started
         progress.history.append(row)
         progress.epoch = row["epoch"]
         metric = config.early_stopping_metric if due else None
@@ -369,3 +373,18 @@ class TrainJob:
     def __call__(self, ctx: DistContext) -> TrainResult:
         shard = load_shard(self.converter, ctx.rank, ctx.size, list(self.task.columns))
         return fit(self.task, ctx, shard, self.steps_per_epoch, self.config)
+
+
+@dataclass
+class ShardJob:
+    """A :class:`TrainJob` whose shard is already in memory: what ``TorchRecommender.export_training``
+    writes, so that the network and this trainer run without Spark or Petastorm (a GPU machine, a
+    profiler). ``shard`` holds every training row; ``steps_per_epoch`` is for one rank."""
+
+    task: TrainTask
+    shard: ShardData
+    steps_per_epoch: int
+    config: TrainConfig
+
+    def __call__(self, ctx: DistContext) -> TrainResult:
+        return fit(self.task, ctx, self.shard, self.steps_per_epoch, self.config)
