@@ -52,8 +52,8 @@ class ReferenceSASRec(nn.Module):
         """tokens [B, L] -> hidden [B, L, d]; row t sees tokens 0..t only, so right padding never reaches a
         real position and needs no key mask."""
         L = tokens.shape[1]
-        x = self.item_emb(tokens) * math.sqrt(self.d) + self.pos_emb(torch.arange(L))  # [B, L, d]
-        causal = nn.Transformer.generate_square_subsequent_mask(L)  # [L, L], -inf above the diagonal
+        x = self.item_emb(tokens) * math.sqrt(self.d) + self.pos_emb(torch.arange(L, device=tokens.device))  # [B, L, d]
+        causal = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)  # [L, L], -inf above diag
         return self.norm(self.encoder(self.dropout(x), mask=causal, is_causal=True))  # [B, L, d]
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -95,12 +95,13 @@ def last_inputs(seqs: list[np.ndarray], max_len: int) -> tuple[Tensor, Tensor]:
 def scores_after(model: ReferenceSASRec, seqs: list[np.ndarray], max_len: int) -> np.ndarray:
     """Scores of every item after each sequence [B, n_items], the sequence's own items set to -inf."""
     model.eval()
+    device = model.item_emb.weight.device
     out = []
     for lo in range(0, len(seqs), 256):
         part = seqs[lo:lo + 256]
         tokens, last = last_inputs(part, max_len)
-        hidden = model(tokens)[torch.arange(len(part)), last]  # [b, d]
-        scores = model.logits(hidden).numpy()
+        hidden = model(tokens.to(device))[torch.arange(len(part), device=device), last.to(device)]  # [b, d]
+        scores = model.logits(hidden).float().cpu().numpy()
         for row, seq in enumerate(part):
             scores[row, seq] = -np.inf
         out.append(scores)
@@ -113,9 +114,11 @@ def ndcg_at_10(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0).mean())
 
 
-def fit(train: pd.DataFrame, n_items: int, setting: dict) -> tuple[ReferenceSASRec, dict[int, np.ndarray], dict]:
+def fit(train: pd.DataFrame, n_items: int, setting: dict,
+        device: str = "cpu") -> tuple[ReferenceSASRec, dict[int, np.ndarray], dict]:
     """Train on ``train`` (a pandas frame of silver/train rows); returns the best-on-validation network, the
-    users' full histories (the inputs at inference) and a training summary."""
+    users' full histories (the inputs at inference) and a training summary. On CUDA the steps run under
+    bf16 autocast, as the project's trainer does (``train.bf16``)."""
     p = {**DEFAULTS, **setting}
     torch.manual_seed(p["seed"])
     rng = np.random.default_rng(p["seed"])
@@ -126,15 +129,17 @@ def fit(train: pd.DataFrame, n_items: int, setting: dict) -> tuple[ReferenceSASR
     fit_seqs = [s[:-1] if u in val_users else s for u, s in full.items()]
     val = sorted(val_users)
     val_inputs, val_targets = [full[u][:-1] for u in val], np.array([full[u][-1] for u in val])
-    rows = torch.from_numpy(windows(fit_seqs, p["max_len"]))
-    model = ReferenceSASRec(n_items, p["max_len"], p["d"], p["heads"], p["blocks"], p["dropout"])
+    rows = torch.from_numpy(windows(fit_seqs, p["max_len"])).to(device)
+    model = ReferenceSASRec(n_items, p["max_len"], p["d"], p["heads"], p["blocks"], p["dropout"]).to(device)
+    bf16 = torch.device(device).type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=p["lr"])
-    best, best_state, best_step, since, step, curve = -1.0, None, 0, 0, 0, []
+    best, best_state, best_step, best_s, since, step, curve = -1.0, None, 0, 0.0, 0, 0, []
     while step < p["max_steps"] and since < p["patience"]:  # patience: validations without improvement
-        for batch in rows[torch.randperm(len(rows))].split(p["batch_size"]):
+        for batch in rows[torch.randperm(len(rows)).to(device)].split(p["batch_size"]):
             inputs, targets = batch[:, :-1], batch[:, 1:] - 1  # next item of each position; -1 = padding
-            hidden = model(inputs)[targets >= 0]  # [N, d], the real (input, target) pairs
-            loss = F.cross_entropy(model.logits(hidden), targets[targets >= 0])
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                hidden = model(inputs)[targets >= 0]  # [N, d], the real (input, target) pairs
+                loss = F.cross_entropy(model.logits(hidden), targets[targets >= 0])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -148,6 +153,7 @@ def fit(train: pd.DataFrame, n_items: int, setting: dict) -> tuple[ReferenceSASR
                 curve.append((step, round(value, 5)))
                 if value > best:
                     best, best_state, best_step, since = value, copy.deepcopy(model.state_dict()), step, 0
+                    best_s = time.perf_counter() - started
                 else:
                     since += 1
                 if since >= p["patience"] or step >= p["max_steps"]:
@@ -158,7 +164,7 @@ def fit(train: pd.DataFrame, n_items: int, setting: dict) -> tuple[ReferenceSASR
         best_step = step
     summary = {"steps_to_best": best_step, "steps_per_epoch": math.ceil(len(rows) / p["batch_size"]),
                "validation_ndcg@10": round(best, 5), "curve": curve,
-               "train_s": round(time.perf_counter() - started, 1)}
+               "train_s": round(time.perf_counter() - started, 1), "seconds_to_best": round(best_s, 1)}
     return model, full, summary
 
 
