@@ -159,6 +159,22 @@ def test_an_exported_training_job_repeats_the_fit_under_ddp_without_spark(world,
     assert fitted.training["seconds_to_best"] > 0
 
 
+def test_sasrec_rows_train_every_transition_and_every_input_position(world, tmp_path):
+    # Windows of max_len + 1: the network reads max_len inputs at inference, so training must fill them
+    # all (with max_len items per row, the oldest position was never trained).
+    from recsys_spark.models.sasrec import SASRecParams, SASRecRecommender
+
+    model = SASRecRecommender(SASRecParams.model_validate(
+        {"backend": "local", "num_proc": 1, "validation_users": 0, "net": {"max_len": 5, "d": 8}}))
+    model.workdir = str(tmp_path / "work")
+    job = torch.load(model.export_training(world.train, str(tmp_path / "job.pt")), weights_only=False)
+    seq = job.shard[tb.ITEMS]  # [rows, max_len + 1], left-padded
+    assert seq.shape[1] == 6
+    pairs = ((seq[:, :-1] != tb.PAD_IDX) & (seq[:, 1:] != tb.PAD_IDX)).sum(0)  # trained pairs per input position
+    transitions = world.train.groupBy(tb.USER_IDX).count().agg(F.sum(F.col("count") - 1)).first()[0]
+    assert int(pairs.sum()) == transitions and bool((pairs > 0).all())
+
+
 def test_deepfm_candidates_rerank_only_the_candidate_models_list(spark, world, deepfm):
     fitted, _ = deepfm
     model = DeepFMRecommender(fitted.params.model_copy(update={"candidates": "popularity", "candidates_k": 6}))

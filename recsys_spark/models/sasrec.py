@@ -1,8 +1,9 @@
 """SASRec (Kang & McAuley 2018): causal self-attention over each user's time-ordered history.
 
 The network is ``recsys_spark.nn.sasrec``. Training (:class:`SASRecTask`): each user's train items in
-time order (first interaction), cut from the end into windows of ``max_len`` that overlap by one item,
-so every transition of the history is trained on once (as the reference implementations do); every
+time order (first interaction), cut from the end into windows of ``max_len + 1`` that overlap by one
+item, so every transition of the history is trained on once and all ``max_len`` input positions that
+inference reads are trained (as the reference implementations do); every
 position predicts the next item, with full-softmax cross-entropy (default), the paper's one-negative
 BCE, or a sampled softmax. Inference reads each user's last ``max_len`` items.
 Validation: each of ``validation_users`` users' latest train item is held out; the sequence before it
@@ -39,8 +40,8 @@ from recsys_spark.train.trainer import TrainConfig
 
 
 class SASRecNetParams(Section):
-    """The network and its loss. ``max_len`` matches ``interactions.max_sequence_length`` (the network
-    sees ``max_len - 1`` inputs in training, the whole sequence at inference); two blocks, one head,
+    """The network and its loss. ``max_len`` matches ``interactions.max_sequence_length``: the network
+    reads ``max_len`` items, in training (rows of ``max_len + 1``) as at inference; two blocks, one head,
     dropout 0.2 as the paper used on MovieLens-1M, with d = 64. Full-softmax cross-entropy by default:
     on catalogues of a few thousand items it costs little, and the loss matters more than the
     architecture (Klenitskiy & Vasilev, RecSys 2023)."""
@@ -141,6 +142,12 @@ class SASRecRecommender(SequenceRecommender):
 
     def max_length(self) -> int:
         return self.params.net.max_len
+
+    def window_length(self) -> int:
+        """``max_len + 1``: a row's first ``max_len`` items are the inputs and every one predicts the item
+        after it, so training fills all ``max_len`` positions that inference reads (as the reference
+        implementations cut their windows)."""
+        return self.params.net.max_len + 1
 
     def _user_holdout(self, train: DataFrame):
         # The hold-out's "latest" item is the last of the sequence: both order by first interaction.

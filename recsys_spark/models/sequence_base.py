@@ -49,6 +49,11 @@ class SequenceRecommender(TorchRecommender):
     def max_length(self) -> int:
         raise NotImplementedError
 
+    def window_length(self) -> int:
+        """Items per training row (each row's windows cover every transition of its history): by default
+        ``max_length()``, the items inference reads."""
+        return self.max_length()
+
     def scorer(self):
         """The trained network as a session scorer (``recsys_spark.evaluate.sessions``)."""
         raise NotImplementedError
@@ -69,7 +74,7 @@ class SequenceRecommender(TorchRecommender):
         transition of each. ``n_items``: the catalogue the scores cover (default: the largest item_idx of
         ``sessions`` + 1); items of later sessions must be in it."""
         require_columns(sessions, [tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.POSITION], f"{self.name} sessions")
-        self._session_rows = session_windows(sessions, self.max_length()).withColumnRenamed(tb.SESSION_ID, KEY)
+        self._session_rows = session_windows(sessions, self.window_length()).withColumnRenamed(tb.SESSION_ID, KEY)
         self._session_rows = self._session_rows.localCheckpoint()
         self._sequences, self._min_items = None, n_items or 0
         super()._fit(sessions.select(tb.USER_IDX, tb.ITEM_IDX))
@@ -91,7 +96,7 @@ class SequenceRecommender(TorchRecommender):
 
     def _user_rows(self, train: DataFrame) -> DataFrame:
         """The user level's training rows: every transition of every history (key = user_idx)."""
-        return user_windows(train, self.max_length()).withColumnRenamed(tb.USER_IDX, KEY)
+        return user_windows(train, self.window_length()).withColumnRenamed(tb.USER_IDX, KEY)
 
     def _hold_out_sequences(self, rows: DataFrame) -> tuple[DataFrame, list[list[int]] | None]:
         """(the ``items`` of ``rows`` less those of the validation keys, the held-out keys' windows as item
