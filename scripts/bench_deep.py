@@ -1,15 +1,19 @@
 """Training throughput of the deep models per launcher (speed only; quality figures: scripts/bench_quality.py).
 
-NCF and SASRec (their configured defaults, no validation, no early stopping) train for a few epochs on
-the leave-last-out train split of MovieLens 100K (built by the project's ingest + interactions) with the
-local launcher (1 process), Horovod with 1 and 2 ranks, and TorchDistributor with 2 ranks. samples/s is
-the median over the epochs after the first (the first pays for start-up); the fit wall time is reported too.
+Every torch model of the registry (its configured defaults, no validation, no early stopping) trains for a
+few epochs on the leave-last-out train split of MovieLens 100K with its side files (prepared by the
+pipeline's own ingest, interactions and features steps, as ``bench_quality.py`` prepares it) with the local
+launcher (1 process), Horovod with 1 and 2 ranks, and TorchDistributor with 2 ranks. rows/s is the
+median over the epochs after the first (the first pays for start-up); the fit wall time is reported too.
+A row is what the model's loader delivers: an (user, item) pair with its sampled negatives (NCF, the
+field models, LightFM, two-tower), a window of a user's sequence (SASRec, GRU4Rec), a user (Mult-VAE).
 
 ``train.batch_size`` is the global batch (all ranks together; each rank takes ``batch_size // ranks``
-rows per step), so every launcher runs the same optimizer steps on the same samples per epoch and the
-samples/s figures compare like with like.
+rows per step), so every launcher runs the same optimizer steps on the same rows per epoch and the
+rows/s figures compare like with like. The same jobs on one GPU: ``scripts/bench_training.py``.
 
-    .venv/bin/python scripts/bench_deep.py [--data ../shared/data] [--out .bench/deep.json] [--throughput-epochs 4]
+    .venv/bin/python scripts/bench_deep.py [--data ../shared/data] [--models ncf,sasrec] [--out .bench/deep.json]
+        [--throughput-epochs 4]
 """
 
 from __future__ import annotations
@@ -20,54 +24,46 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from recsys_spark import tables as tb
-from recsys_spark.config import load_config
-from recsys_spark.models import registry
-from recsys_spark.pipeline import run_ingest, run_interactions
-from recsys_spark.session import get_spark
+from pyspark.sql import functions as F
 
-DATA_PATH, PRESET = "ml-100k/u.data", "movielens-100k"
-OVERRIDES: list[str] = []  # the default configuration, the data scripts/bench_quality.py scores
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality  # noqa: E402  (scripts/, next to this file: the same data preparation)
+
+from recsys_spark import tables as tb  # noqa: E402
+from recsys_spark.data import splits  # noqa: E402
+from recsys_spark.models import registry  # noqa: E402
+from recsys_spark.models.torch_base import TorchRecommender  # noqa: E402
+from recsys_spark.session import get_spark  # noqa: E402
+
 LAUNCHERS = [("local, 1 process", "local", 1), ("horovod, 1 rank", "horovod", 1),
              ("horovod, 2 ranks", "horovod", 2), ("torch DDP, 2 ranks", "torch", 2)]
-MODELS = ("ncf", "sasrec")
+MODELS = [name for name in registry.MODELS if issubclass(registry.model_class(name), TorchRecommender)]
 
 
-def build(name: str, overrides: list[str], params: dict, seq_len: int):
-    config = load_config(overrides=overrides)
-    base = dict(config.model_params.get(name, {}))
-    for key, value in params.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    if name == "sasrec":
-        base["net"] = {**base.get("net", {}), "max_len": seq_len}
-    config = config.model_copy(update={"model_params": {**config.model_params, name: base}})
-    return registry.build(name, config)
-
-
-def throughput(spark, data_dir: Path, epochs: int) -> dict:
+def throughput(spark, data_dir: Path, models: list[str], epochs: int) -> dict:
     root = tempfile.mkdtemp(prefix="bench-deep-tp-")
-    overrides = [f"warehouse={root}", *OVERRIDES]
-    config = load_config(overrides=overrides)
-    run_ingest(spark, config, str(data_dir / DATA_PATH), PRESET)
-    run_interactions(spark, config)
-    train = tb.read(spark, root, tb.TRAIN).filter("split = 'leave_last_out'").drop("split").persist()
+    config, _ = bench_quality.prepare(spark, data_dir, "ml-100k", root)
+    train = (tb.read(spark, config.warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT)
+             .drop(tb.SPLIT).persist())
     out = {}
-    for label, backend, ranks in LAUNCHERS:
-        for name in MODELS:
-            params = {"backend": backend, "num_proc": ranks, "validation_users": 0,
-                      "train": {"epochs": epochs, "early_stopping_metric": None}}
-            model = build(name, overrides, params, config.interactions.max_sequence_length)
-            model.workdir = os.path.join(root, "models", f"{name}-{backend}-{ranks}")
+    for name in models:
+        for label, backend, ranks in LAUNCHERS:
+            setting = {"backend": backend, "num_proc": ranks, "validation_users": 0,
+                       "train": {"epochs": epochs, "early_stopping_metric": None}}
+            workdir = os.path.join(root, "models", f"{name}-{backend}-{ranks}")
+            model = bench_quality.build_ours(name, setting, config, workdir, launcher_given=True)
             started = time.perf_counter()
             model.fit(train)
             wall = time.perf_counter() - started
             rates = [h["samples_per_s"] for h in model.history[1:]] or [model.history[0]["samples_per_s"]]
-            out[f"{name}: {label}"] = {"samples_per_s": statistics.median(rates), "fit_wall_s": wall}
-            print(f"{name:<7} {label:<20} {statistics.median(rates):>12,.0f} samples/s  (fit {wall:.1f} s)", flush=True)
+            out[f"{name}: {label}"] = {"rows_per_s": statistics.median(rates), "fit_wall_s": wall,
+                                       "steps_per_epoch": model.training["steps_per_epoch"]}
+            print(f"{name:<10} {label:<20} {statistics.median(rates):>12,.0f} rows/s  (fit {wall:.1f} s)", flush=True)
     train.unpersist()
     return out
 
@@ -75,14 +71,18 @@ def throughput(spark, data_dir: Path, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torch models")
     parser.add_argument("--out", default=".bench/deep.json")
     parser.add_argument("--throughput-epochs", type=int, default=4, help="epochs per fit (the first is not counted)")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: {unknown} are not torch models; choose from {MODELS}")
     logging.basicConfig(level=logging.WARNING)
     spark = get_spark("bench-deep")
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "master": spark.sparkContext.master}}
-    report["throughput"] = throughput(spark, Path(args.data), args.throughput_epochs)
+    report["throughput"] = throughput(spark, Path(args.data), args.models.split(","), args.throughput_epochs)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=2)
