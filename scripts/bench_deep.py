@@ -29,27 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyspark.sql import functions as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality  # noqa: E402  (scripts/, next to this file: the same data preparation)
 
-from recsys_spark import tables as tb  # noqa: E402
-from recsys_spark.data import splits  # noqa: E402
-from recsys_spark.models import registry  # noqa: E402
-from recsys_spark.models.torch_base import TorchRecommender  # noqa: E402
 from recsys_spark.session import get_spark  # noqa: E402
 
 LAUNCHERS = [("local, 1 process", "local", 1), ("horovod, 1 rank", "horovod", 1),
              ("horovod, 2 ranks", "horovod", 2), ("torch DDP, 2 ranks", "torch", 2)]
-MODELS = [name for name in registry.MODELS if issubclass(registry.model_class(name), TorchRecommender)]
+MODELS = bench_quality.torch_models()
 
 
 def throughput(spark, data_dir: Path, models: list[str], epochs: int) -> dict:
     root = tempfile.mkdtemp(prefix="bench-deep-tp-")
     config, _ = bench_quality.prepare(spark, data_dir, "ml-100k", root)
-    train = (tb.read(spark, config.warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT)
-             .drop(tb.SPLIT).persist())
+    train = bench_quality.leave_last_out_train(spark, config)
     out = {}
     for name in models:
         for label, backend, ranks in LAUNCHERS:

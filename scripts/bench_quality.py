@@ -176,6 +176,17 @@ def prepare(spark: SparkSession, data_dir: Path, name: str, root: str) -> tuple[
     return config, counts
 
 
+def leave_last_out_train(spark: SparkSession, config: PipelineConfig) -> DataFrame:
+    """The leave-last-out train rows of a prepared warehouse (split column dropped), persisted."""
+    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
+    return tb.read(spark, config.warehouse, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
+
+
+def torch_models() -> list[str]:
+    """The registry's torch models, in registry order."""
+    return [name for name in registry.MODELS if issubclass(registry.model_class(name), TorchRecommender)]
+
+
 def ranking_scores(recs: DataFrame, test: DataFrame, train: DataFrame, n_items: int) -> dict[str, float]:
     frame = evaluate(recs, test, train, [10, 20], n_items).toPandas()
     value = {(m, int(k)): v for m, k, v in zip(frame[tb.METRIC], frame[tb.K], frame[tb.VALUE], strict=True)}
@@ -411,9 +422,8 @@ def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, 
                 spark, row, setting, config, *parts[part], n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
                 out["rows"], save)
         return
-    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
-    train = tb.read(spark, wh, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
-    test = tb.read(spark, wh, tb.TEST).filter(pick).drop(tb.SPLIT).persist()
+    train = leave_last_out_train(spark, config)
+    test = tb.read(spark, wh, tb.TEST).filter(F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT).drop(tb.SPLIT).persist()
     fit_part, valid = (df.persist() for df in splits.leave_last_out(train))
     parts = {"validation": (fit_part, valid), "test": (train, test)}
     for row in [r for r in rows if r in RANKING_ROWS]:

@@ -87,18 +87,13 @@ def ml1m_like(seed: int = 0) -> pd.DataFrame:
 
 def prepare(args: argparse.Namespace) -> None:
     import bench_quality
-    from pyspark.sql import functions as F
 
-    from recsys_spark.data import splits
-    from recsys_spark.models import registry
-    from recsys_spark.models.torch_base import TorchRecommender
     from recsys_spark.session import get_spark
 
     spark = get_spark("bench-training")
     jobs = Path(args.jobs)
     jobs.mkdir(parents=True, exist_ok=True)
     root = tempfile.mkdtemp(prefix="bench-training-")
-    torch_models = [name for name in registry.MODELS if issubclass(registry.model_class(name), TorchRecommender)]
 
     def export(dataset: str, name: str, train, config, setting: dict) -> None:
         model = bench_quality.build_ours(name, setting, config, os.path.join(root, dataset, name))
@@ -110,10 +105,9 @@ def prepare(args: argparse.Namespace) -> None:
               f"({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
 
     config, _ = bench_quality.prepare(spark, Path(args.data), "ml-100k", root)
-    train = (tb.read(spark, config.warehouse, tb.TRAIN).filter(F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT)
-             .drop(tb.SPLIT).persist())
+    train = bench_quality.leave_last_out_train(spark, config)
     train.toPandas().to_parquet(jobs / REFERENCE_TRAIN)
-    for name in torch_models:
+    for name in bench_quality.torch_models():
         export("ml-100k", name, train, config, {})
     train.unpersist()
 
@@ -167,6 +161,7 @@ def run(args: argparse.Namespace) -> None:
                           "nccl": device == "cuda" and args.backend == "torch"},
               "jobs": {}}
     print(json.dumps(report["machine"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         try:
             if name == "reference-sasrec":
@@ -177,7 +172,6 @@ def run(args: argparse.Namespace) -> None:
             figures = {"error": f"{type(exc).__name__}: {exc}"}
         report["jobs"][name] = figures
         print(f"{name:<28} {json.dumps(figures)}", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
 

@@ -115,7 +115,7 @@ def ndcg_at_10(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def fit(train: pd.DataFrame, n_items: int, setting: dict,
-        device: str = "cpu") -> tuple[ReferenceSASRec, dict[int, np.ndarray], dict]:
+        device: str | torch.device = "cpu") -> tuple[ReferenceSASRec, dict[int, np.ndarray], dict]:
     """Train on ``train`` (a pandas frame of silver/train rows); returns the best-on-validation network, the
     users' full histories (the inputs at inference) and a training summary. On CUDA the steps run under
     bf16 autocast, as the project's trainer does (``train.bf16``)."""
@@ -129,15 +129,16 @@ def fit(train: pd.DataFrame, n_items: int, setting: dict,
     fit_seqs = [s[:-1] if u in val_users else s for u, s in full.items()]
     val = sorted(val_users)
     val_inputs, val_targets = [full[u][:-1] for u in val], np.array([full[u][-1] for u in val])
+    device = torch.device(device)
     rows = torch.from_numpy(windows(fit_seqs, p["max_len"])).to(device)
     model = ReferenceSASRec(n_items, p["max_len"], p["d"], p["heads"], p["blocks"], p["dropout"]).to(device)
-    bf16 = torch.device(device).type == "cuda"
+    bf16 = device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=p["lr"])
     best, best_state, best_step, best_s, since, step, curve = -1.0, None, 0, 0.0, 0, 0, []
     while step < p["max_steps"] and since < p["patience"]:  # patience: validations without improvement
         for batch in rows[torch.randperm(len(rows)).to(device)].split(p["batch_size"]):
             inputs, targets = batch[:, :-1], batch[:, 1:] - 1  # next item of each position; -1 = padding
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = model(inputs)[targets >= 0]  # [N, d], the real (input, target) pairs
                 loss = F.cross_entropy(model.logits(hidden), targets[targets >= 0])
             optimizer.zero_grad()

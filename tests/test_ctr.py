@@ -128,7 +128,7 @@ def test_cross_parts_learn_a_planted_interaction_an_additive_model_cannot():
     assert wide < 0.1 and cross < 0.1
 
 
-def _ddp_steps(ctx, network=None):
+def _ddp_steps(ctx, network):
     """Three steps of a field network with no numeric field, as a ``torch`` rank runs them (DDP)."""
     torch.manual_seed(0)
     model = network([3, 4, 5], dim=4, hidden=[8])
