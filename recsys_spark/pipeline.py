@@ -177,14 +177,17 @@ class Run:
         day = run_date or dt.datetime.now(dt.UTC).date()
         return cls(day, run_id or day.isoformat(), config.split)
 
-    def where(self, model: str) -> str:
-        """The rows this run owns for a model in a gold table: replaced whole by a re-run.
+    def where(self, *models: str) -> str:
+        """The rows this run owns for these models in a gold table: replaced whole by a re-run.
 
         SQL text, because Delta's replaceWhere takes nothing else; safe because every part is checked:
-        the date is a ``dt.date``, the split a plain name (``__post_init__``), the model too (here; a
+        the date is a ``dt.date``, the split a plain name (``__post_init__``), the models too (here; a
         name read back from a table passes this check as well)."""
-        model = tb.check_name(model, "model name")
-        return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} = '{model}'"
+        if not models:
+            raise ValueError("Run.where needs at least one model")
+        names = [f"'{tb.check_name(model, 'model name')}'" for model in models]
+        which = f"= {names[0]}" if len(names) == 1 else f"IN ({', '.join(names)})"
+        return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} {which}"
 
 
 def _split(spark: SparkSession, config: PipelineConfig, table: str, split: str) -> DataFrame:
@@ -376,7 +379,7 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
     test = _split(spark, config, tb.TEST, run.split)
     users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
     n_items = items.count()
-    frames = []
+    frames, rows = [], None
     for model_name in models:
         recs = (
             day.filter(F.col(tb.MODEL) == model_name)
@@ -388,12 +391,13 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
         values = evaluate(recs, test, train, config.evaluate.ks, n_items).toPandas()
         local = [(m, int(k), None if pd.isna(v) else float(v))  # null stays null, not NaN
                  for m, k, v in zip(values[tb.METRIC], values[tb.K], values[tb.VALUE], strict=True)]
-        rows = with_run_info(spark.createDataFrame(local, METRICS_SCHEMA), run.run_id, run.run_date, model_name,
-                             run.split)
-        # Only this split's rows: the session protocol's rows (split 'sessions') stay.
-        tb.replace_where(rows, wh, tb.METRICS, f"{run.where(model_name)} AND {tb.SPLIT} = '{run.split}'",
-                         GOLD_PARTITIONS)
+        scored = with_run_info(spark.createDataFrame(local, METRICS_SCHEMA), run.run_id, run.run_date, model_name,
+                               run.split)
+        rows = scored if rows is None else rows.unionByName(scored)
         frames.append(values.assign(model=model_name))
+    # Every model's rows in one commit: readers never see a day's metrics half replaced, and each extra
+    # model costs no extra Delta commit. Only this split's rows: the session protocol's (split 'sessions') stay.
+    tb.replace_where(rows, wh, tb.METRICS, f"{run.where(*models)} AND {tb.SPLIT} = '{run.split}'", GOLD_PARTITIONS)
     return pd.concat(frames, ignore_index=True)
 
 

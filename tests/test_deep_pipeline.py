@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import WORLD_SETTINGS
+from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
 from recsys_spark import pipeline
@@ -231,7 +232,11 @@ def test_pipeline_with_gru4rec_and_the_session_protocol(spark, world):
     trained = pipeline.run_train(spark, config, "gru4rec", run)
     assert set(trained["embeddings"]) == {tb.USER_EMBEDDINGS, tb.ITEM_EMBEDDINGS}
     assert pipeline.run_recommend(spark, config, "gru4rec", run)["rows_out"] > 0
-    pipeline.run_evaluate(spark, config, run)
+    scored = pipeline.run_evaluate(spark, config, run)
+    # Both models' metrics of the day land in one commit: a reader never sees them half replaced.
+    last = DeltaTable.forPath(spark, tb.table_path(world.warehouse, tb.METRICS)).history(1).first()
+    assert int(last["operationMetrics"]["numOutputRows"]) == len(scored) and set(scored[tb.MODEL]) == {
+        "popularity", "gru4rec"}
     pipeline.run_evaluate_sessions(spark, config, run)
 
     def metrics() -> pd.DataFrame:

@@ -80,9 +80,12 @@ def test_the_cli_refuses_a_model_name_that_is_no_model(no_spark, capsys, argv):
 def test_names_reaching_predicates_and_paths_are_plain():
     run = Run(dt.date(2026, 1, 2), "r1", "leave_last_out")
     assert run.where("session_pop") == "run_date = DATE'2026-01-02' AND model = 'session_pop'"
+    assert run.where("als", "ncf") == "run_date = DATE'2026-01-02' AND model IN ('als', 'ncf')"
     for bad in ("als'; --", "als' OR '1'='1", "../../etc", "a b", ""):
         with pytest.raises(RecsysError, match="not a plain name"):
             run.where(bad)
+        with pytest.raises(RecsysError, match="not a plain name"):
+            run.where("als", bad)
         with pytest.raises(RecsysError, match="not a plain name"):
             tb.model_dir("warehouse", bad, run.run_date)
     with pytest.raises(RecsysError, match="split"):
