@@ -141,7 +141,8 @@ def run_features(spark: SparkSession, config: PipelineConfig, side_users: str | 
     wh = config.warehouse
     visible = splits.training_events(
         tb.read(spark, wh, tb.BRONZE_EVENTS), tb.read(spark, wh, tb.USER_INDEX),
-        _split(spark, config, tb.TRAIN, config.split), _split(spark, config, tb.TEST, config.split), config.split,
+        read_split(spark, config, tb.TRAIN, config.split), read_split(spark, config, tb.TEST, config.split),
+        config.split,
     )
     return features.build_features(spark, wh, side=side, update_vocab=True, events=visible)
 
@@ -190,7 +191,9 @@ class Run:
         return f"{tb.RUN_DATE} = DATE'{self.run_date.isoformat()}' AND {tb.MODEL} {which}"
 
 
-def _split(spark: SparkSession, config: PipelineConfig, table: str, split: str) -> DataFrame:
+def read_split(spark: SparkSession, config: PipelineConfig, table: str, split: str) -> DataFrame:
+    """The rows of ``split`` (e.g. ``leave_last_out``) of silver/train or silver/test, split column dropped:
+    what the steps below train and score on, and what the benchmarks read of a prepared warehouse."""
     return tb.read(spark, config.warehouse, table).filter(F.col(tb.SPLIT) == split).drop(tb.SPLIT)
 
 
@@ -211,7 +214,7 @@ def _with_run(df: DataFrame, run: Run, model: str) -> DataFrame:
 
 def run_train(spark: SparkSession, config: PipelineConfig, model_name: str, run: Run) -> dict[str, Any]:
     """Fit a model on the run's train split, save it, and export its embeddings to gold."""
-    train = _split(spark, config, tb.TRAIN, run.split)
+    train = read_split(spark, config, tb.TRAIN, run.split)
     model = _attach(registry.build(model_name, config), config, run)
     model.fit(train)
     model.save(model.workdir)
@@ -312,7 +315,7 @@ def run_recommend(spark: SparkSession, config: PipelineConfig, model_name: str, 
         model, model_date = _load_latest_model(spark, config, model_name, run)
     else:
         model, model_date = _load_model(spark, config, model_name, run), run.run_date
-    train = _split(spark, config, tb.TRAIN, run.split)
+    train = read_split(spark, config, tb.TRAIN, run.split)
     seen = train.select(tb.USER_IDX, tb.ITEM_IDX)
     folded = model.fold_in_users(train.select(tb.USER_IDX, tb.ITEM_IDX, tb.WEIGHT)).count() if fold_in else 0
     if fold_in:
@@ -375,8 +378,8 @@ def run_evaluate(spark: SparkSession, config: PipelineConfig, run: Run,
         if model_name not in present:
             raise RecsysError(f"no recommendations of {model_name} for run date {run.run_date} in "
                               f"{tb.RECOMMENDATIONS}: run `recsys-spark recommend --model {model_name}` first")
-    train = _split(spark, config, tb.TRAIN, run.split)
-    test = _split(spark, config, tb.TEST, run.split)
+    train = read_split(spark, config, tb.TRAIN, run.split)
+    test = read_split(spark, config, tb.TEST, run.split)
     users, items = tb.read(spark, wh, tb.USER_INDEX), tb.read(spark, wh, tb.ITEM_INDEX)
     n_items = items.count()
     frames, rows = [], None

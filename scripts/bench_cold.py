@@ -53,7 +53,6 @@ from pyspark.sql import functions as F
 
 from recsys_spark import tables as tb
 from recsys_spark.config import load_config
-from recsys_spark.data import splits
 from recsys_spark.data.features import UNKNOWN, USER_EVENT_FIELDS
 from recsys_spark.recommend import recommend_with_fallback
 from recsys_spark.session import get_spark
@@ -96,9 +95,7 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
         config, counts = bq.prepare(spark, data_dir, name, root)
     wh = config.warehouse
     n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
-    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
-    train = tb.read(spark, wh, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
-    test = tb.read(spark, wh, tb.TEST).filter(pick).drop(tb.SPLIT).persist()
+    train, test = bq.leave_last_out(spark, config), bq.leave_last_out(spark, config, tb.TEST)
     cold_users = held_out(train.unionByName(test, allowMissingColumns=True), tb.USER_IDX, args.cold_users,
                           args.seed).persist()
     cold_items = held_out(train.unionByName(test, allowMissingColumns=True), tb.ITEM_IDX, args.cold_items,

@@ -42,7 +42,7 @@ MODELS = bench_quality.torch_models()
 def throughput(spark, data_dir: Path, models: list[str], epochs: int) -> dict:
     root = tempfile.mkdtemp(prefix="bench-deep-tp-")
     config, _ = bench_quality.prepare(spark, data_dir, "ml-100k", root)
-    train = bench_quality.leave_last_out_train(spark, config)
+    train = bench_quality.leave_last_out(spark, config)
     out = {}
     for name in models:
         for label, backend, ranks in LAUNCHERS:

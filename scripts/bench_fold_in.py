@@ -33,13 +33,13 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import prepare, ranking_scores  # noqa: E402
 
 from recsys_spark import tables as tb  # noqa: E402
 from recsys_spark.models.als import ALSParams, ALSRecommender  # noqa: E402
+from recsys_spark.pipeline import read_split  # noqa: E402
 from recsys_spark.session import get_spark  # noqa: E402
 
 log = logging.getLogger("bench_fold_in")
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     spark = get_spark("bench-fold-in")
     with tempfile.TemporaryDirectory(prefix="bench-fold-in-") as root:
         config, counts = prepare(spark, Path(args.data), "ml-100k", root)
-        split = lambda name: (tb.read(spark, config.warehouse, name)  # noqa: E731
-                              .filter(F.col(tb.SPLIT) == config.split).drop(tb.SPLIT).persist())
-        train, test = split(tb.TRAIN), split(tb.TEST)
+        train, test = (read_split(spark, config, name, config.split).persist() for name in (tb.TRAIN, tb.TEST))
         n_items = tb.read(spark, config.warehouse, tb.ITEM_INDEX).count()
         seeds = [one_seed(spark, config, train, test, n_items, int(s), args.folds) for s in args.seeds.split(",")]
     mean = {key: float(np.mean([s[key] for s in seeds]))

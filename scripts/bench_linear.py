@@ -137,8 +137,7 @@ def tune(spark, data: Path) -> dict:
     wh = config.warehouse
     n_items = tb.read(spark, wh, tb.ITEM_INDEX).agg(F.max(tb.ITEM_IDX)).first()[0] + 1
     n_users = tb.read(spark, wh, tb.USER_INDEX).agg(F.max(tb.USER_IDX)).first()[0] + 1
-    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
-    train = tb.read(spark, wh, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
+    train = bq.leave_last_out(spark, config)
     fit_part, valid = (df.persist() for df in splits.leave_last_out(train))
     out: dict[str, list] = {"ease": [], "svd": []}
     for row, grid in (("ease", [{"reg": r} for r in EASE_GRID]), ("svd", SVD_GRID)):

@@ -72,7 +72,7 @@ from recsys_spark.evaluate.ranking import evaluate  # noqa: E402
 from recsys_spark.evaluate.sessions import ItemKNNScorer, PopularityScorer, evaluate_sessions  # noqa: E402
 from recsys_spark.models import registry  # noqa: E402
 from recsys_spark.models.torch_base import TorchRecommender  # noqa: E402
-from recsys_spark.pipeline import run_features, run_ingest, run_interactions  # noqa: E402
+from recsys_spark.pipeline import read_split, run_features, run_ingest, run_interactions  # noqa: E402
 from recsys_spark.session import get_spark  # noqa: E402
 
 log = logging.getLogger("bench_quality")
@@ -176,10 +176,9 @@ def prepare(spark: SparkSession, data_dir: Path, name: str, root: str) -> tuple[
     return config, counts
 
 
-def leave_last_out_train(spark: SparkSession, config: PipelineConfig) -> DataFrame:
-    """The leave-last-out train rows of a prepared warehouse (split column dropped), persisted."""
-    pick = F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT
-    return tb.read(spark, config.warehouse, tb.TRAIN).filter(pick).drop(tb.SPLIT).persist()
+def leave_last_out(spark: SparkSession, config: PipelineConfig, table: str = tb.TRAIN) -> DataFrame:
+    """The leave-last-out rows of ``table`` (silver/train or silver/test) of a prepared warehouse, persisted."""
+    return read_split(spark, config, table, splits.LEAVE_LAST_OUT).persist()
 
 
 def torch_models() -> list[str]:
@@ -422,8 +421,7 @@ def run_dataset(spark, data_dir: Path, name: str, rows: list[str], trials: int, 
                 spark, row, setting, config, *parts[part], n_items, tempfile.mkdtemp(prefix=f"bq-{row}-")),
                 out["rows"], save)
         return
-    train = leave_last_out_train(spark, config)
-    test = tb.read(spark, wh, tb.TEST).filter(F.col(tb.SPLIT) == splits.LEAVE_LAST_OUT).drop(tb.SPLIT).persist()
+    train, test = leave_last_out(spark, config), leave_last_out(spark, config, tb.TEST)
     fit_part, valid = (df.persist() for df in splits.leave_last_out(train))
     parts = {"validation": (fit_part, valid), "test": (train, test)}
     for row in [r for r in rows if r in RANKING_ROWS]:

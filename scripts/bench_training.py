@@ -105,7 +105,7 @@ def prepare(args: argparse.Namespace) -> None:
               f"({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
 
     config, _ = bench_quality.prepare(spark, Path(args.data), "ml-100k", root)
-    train = bench_quality.leave_last_out_train(spark, config)
+    train = bench_quality.leave_last_out(spark, config)
     train.toPandas().to_parquet(jobs / REFERENCE_TRAIN)
     for name in bench_quality.torch_models():
         export("ml-100k", name, train, config, {})
