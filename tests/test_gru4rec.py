@@ -68,6 +68,16 @@ def test_every_pair_once_with_more_rows_than_sessions_and_shuffled():
     assert [s.inputs.tolist() for s in shuffled] != first  # the next pass has a new order
 
 
+def test_a_stacked_pass_holds_the_same_steps():
+    batches = SessionParallelBatches(SESSIONS, batch_size=2)
+    stacked = batches.stacked()  # [T, 2] each
+    steps = list(batches)
+    assert stacked.inputs.shape == (len(steps), 2)
+    for field, column in zip(stacked, zip(*steps, strict=True), strict=True):
+        assert np.array_equal(field, np.stack(column))
+    assert SessionParallelBatches([[6]], batch_size=3).stacked().inputs.shape == (0, 3)  # nothing to pair
+
+
 def test_sessions_from_events_and_whole_user_histories():
     keys = np.array(["b", "a", "b", "a", "c"])
     items = np.array([10, 20, 11, 21, 30])
@@ -190,6 +200,27 @@ def test_each_loss_lowers_and_learns_the_next_item(loss):
     scorer = pickle.loads(pickle.dumps(GRU4RecScorer.from_model(model)))
     again = next_item_metrics(scorer.start(16), valid, ks=[1])
     assert again["recall@1"] == pytest.approx(history[-1]["recall@1"])
+
+
+@pytest.mark.parametrize("loss", ["ce", "bpr-max", "top1-max"])
+def test_idle_rows_change_no_loss_and_no_gradient(loss):
+    # 3 sessions on 4 or 9 rows: the same steps, only more idle rows, whose targets must be neither
+    # candidates of the active rows nor rows of the mean per event.
+    sessions = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    padded = torch.full((3, 4), PAD, dtype=torch.long)
+    for row, s in enumerate(sessions):
+        padded[row, : len(s)] = torch.tensor(s)
+    counts = np.ones(N_ITEMS)
+    losses, grads = [], []
+    for parallel in (4, 9):
+        task = GRU4RecTask(_params(loss, parallel=parallel, n_sample=0), N_ITEMS, item_counts=counts)
+        model = task.build_model()
+        value = task.loss(model, {tb.ITEMS: padded})
+        value.backward()
+        losses.append(value.item())
+        grads.append(model.out_emb.weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
 
 
 def test_gru4rec_task_through_the_trainer():

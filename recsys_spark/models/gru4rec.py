@@ -7,7 +7,9 @@ one whole session per row, padded with PAD (-1) (``data.sequences.session_item_a
 or ``user_sequences``). The trainer's batch of R sessions is one optimiser step: ``loss`` runs the
 session-parallel iteration (``data.session_batches``) over those R sessions with ``parallel`` rows,
 scoring each step's targets against the step's other targets plus ``n_sample`` shared
-popularity-sampled negatives, and returns the mean loss over all R sessions' events. The hidden state is
+popularity-sampled negatives, and returns the mean loss over all R sessions' events. The whole pass is cut
+on the host (``SessionParallelBatches.stacked``), copied to the device in one go with all its negatives drawn
+at once, and no step reads a value back, so on a GPU the steps queue without waiting. The hidden state is
 detached between steps by default (``truncate_bptt``: one-step back-propagation through time, as the
 official implementation); the gradient is then the mean of the steps' gradients. The paper's own
 schedule, one update per session-parallel step, is :func:`fit_session_parallel` (one process; what
@@ -146,40 +148,47 @@ class GRU4RecTask(SampledTask):
             return GRU4Rec(self.n_items, hidden=p.hidden, layers=p.layers, embedding=p.embedding,
                            constrained=p.constrained, dropout_embed=p.dropout_embed, dropout_hidden=p.dropout_hidden)
 
-    def step_loss(self, model: nn.Module, step: Step | tuple[Tensor, Tensor, Tensor, Tensor],
-                  hidden: Tensor | None) -> tuple[Tensor, Tensor, int]:
-        """The loss of one session-parallel step: (mean loss over its active rows, new hidden, #events).
+    def step_loss(self, model: nn.Module, step: Step, hidden: Tensor | None,
+                  sample: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One session-parallel step on the device: (sum of its active rows' losses, new hidden).
 
-        Candidates: the active rows' targets (row i's target in column i) then ``n_sample`` negatives
-        drawn ∝ count ** alpha for the whole step; accidental hits (a candidate equal to the row's
-        target off the diagonal) are masked out.
+        ``step`` holds tensors [P] on the model's device, ``sample`` the step's ``n_sample`` negatives [S]
+        (drawn ∝ count ** alpha). Candidates: every row's target (row i's in column i) then the sample;
+        an idle row's column is no candidate and its row adds nothing, and accidental hits (a candidate
+        equal to the row's target off the diagonal) are masked out. Nothing here reads a value back to
+        the host, so the steps of a batch queue up on a GPU without waiting for one another.
         """
         p = self.params
-        inputs, targets, reset, active = (torch.as_tensor(x) for x in step)
-        device = model_device(model)
-        inputs, targets, reset, active = (x.to(device) for x in (inputs, targets, reset, active))
-        out, hidden = model.forward_step(inputs, hidden, reset)  # [B, H], [layers, B, H]
-        rows = active.nonzero().squeeze(1)  # [b]
-        target = targets[rows]  # [b]
-        candidates, log_q = target, None
-        if p.n_sample > 0:
-            sample = self.sample("popularity", (p.n_sample,), device)  # items [S]
-            candidates = torch.cat([target, sample.items])  # [b + S]
+        inputs, targets, reset, active = step
+        out, hidden = model.forward_step(inputs, hidden, reset)  # [P, H], [layers, P, H]
+        target = targets.clamp(min=0)  # [P]; an idle row's PAD reads item 0, masked below
+        candidates, usable_column = target, active  # [P], [P]
+        if sample is not None:
+            candidates = torch.cat([target, sample])  # [P + S]
+            usable_column = torch.cat([active, torch.ones_like(sample, dtype=torch.bool)])  # [P + S]
+        log_q = None
         if p.loss == "ce" and p.logq > 0 and self.item_counts is not None:
-            log_q = p.logq * self._log_expected_draws(candidates, len(target), device)  # [b + S]
-        scores = unwrap(model).scores(out[rows], candidates)  # [b, b + S]
-        mask = candidates.unsqueeze(0) != target.unsqueeze(1)  # [b, b + S], True = usable negative
+            log_q = p.logq * self._log_expected_draws(candidates, active.sum(), out.device)  # [P + S]
+            log_q = torch.where(usable_column, log_q, torch.zeros_like(log_q))  # idle columns: no log(0)
+        scores = unwrap(model).scores(out, candidates)  # [P, P + S]
+        mask = (candidates.unsqueeze(0) != target.unsqueeze(1)) & usable_column  # [P, P + S], True = negative
         if p.loss == "ce":
-            loss = g4r.cross_entropy(scores, mask, log_q)
+            loss = g4r.cross_entropy(scores, mask, log_q, valid=active, reduction="sum")
         elif p.loss == "bpr-max":
-            loss = g4r.bpr_max(g4r.elu_scores(scores, p.elu_param), mask, reg=p.bpreg)
+            loss = g4r.bpr_max(g4r.elu_scores(scores, p.elu_param), mask, reg=p.bpreg, valid=active, reduction="sum")
         else:
-            loss = g4r.top1_max(scores, mask)
+            loss = g4r.top1_max(scores, mask, valid=active, reduction="sum")
         if p.truncate_bptt:
             hidden = hidden.detach()
-        return loss, hidden, int(rows.numel())
+        return loss, hidden
 
-    def _log_expected_draws(self, items: Tensor, n_targets: int, device: torch.device) -> Tensor:
+    def negatives_per_step(self, steps: int, device: torch.device) -> list[Tensor | None]:
+        """The ``n_sample`` negatives of each of ``steps`` steps, drawn in one call: [S] each, or None."""
+        if self.params.n_sample == 0:
+            return [None] * steps
+        return list(self.sample("popularity", (steps, self.params.n_sample), device).items.unbind(0))
+
+    def _log_expected_draws(self, items: Tensor, n_targets: int | Tensor, device: torch.device) -> Tensor:
         """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j): the step's b targets arrive in
         proportion to the counts c (they are the data), its S samples with q ∝ c ** alpha. Subtracting it
         from the scores is the log-Q correction of sampled softmax, for both kinds of candidates alike."""
@@ -201,14 +210,19 @@ class GRU4RecTask(SampledTask):
         return state
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        sessions = sessions_from_padded(batch[tb.ITEMS].cpu().numpy())
-        total, events, hidden = None, 0, None
-        for step in SessionParallelBatches(sessions, self.params.parallel):
-            loss, hidden, n = self.step_loss(model, step, hidden)
-            total = loss * n if total is None else total + loss * n
-            events += n
-        if total is None:  # no session with two items in this batch: a zero loss with a gradient path
+        """The mean loss per event of the batch's sessions, run session-parallel: the whole pass is cut
+        on the host, copied to the device at once, and its negatives drawn in one call."""
+        steps = SessionParallelBatches(sessions_from_padded(batch[tb.ITEMS].cpu().numpy()), self.params.parallel)
+        steps = steps.stacked()  # [T, P] each
+        events = int(steps.active.sum())
+        if events == 0:  # no session with two items in this batch: a zero loss with a gradient path
             return sum(p.sum() for p in model.parameters()) * 0.0
+        device = model_device(model)
+        on_device = Step(*(torch.from_numpy(x).to(device, non_blocking=True) for x in steps))
+        total, hidden = None, None
+        for t, sample in enumerate(self.negatives_per_step(len(steps.inputs), device)):
+            loss, hidden = self.step_loss(model, Step(*(x[t] for x in on_device)), hidden, sample)
+            total = loss if total is None else total + loss
         return total / events
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -241,17 +255,19 @@ def fit_session_parallel(task: GRU4RecTask, sessions: SessionData | Sequence[Seq
     history = []
     for epoch in range(schedule.epochs):
         model.train()
-        started, loss_sum, events, hidden = time.perf_counter(), 0.0, 0, None
+        started, loss_sum, events, hidden = time.perf_counter(), torch.zeros((), device=device), 0, None
         for step in batches:
+            n = int(step.active.sum())
             optimizer.zero_grad()
-            loss, hidden, n = task.step_loss(model, step, hidden)
-            loss.backward()
+            on_device = Step(*(torch.from_numpy(x).to(device) for x in step))
+            loss, hidden = task.step_loss(model, on_device, hidden, task.negatives_per_step(1, device)[0])
+            (loss / n).backward()
             optimizer.step()
             hidden = hidden.detach()
-            loss_sum += float(loss.detach()) * n
+            loss_sum += loss.detach()
             events += n
+        mean = float(loss_sum) / max(events, 1)
         seconds = time.perf_counter() - started
-        mean = loss_sum / max(events, 1)
         if not math.isfinite(mean):
             raise FloatingPointError(f"GRU4Rec loss is {mean} in epoch {epoch + 1}")
         row = {"epoch": epoch + 1, "loss": mean, "events_per_s": events / seconds, "seconds": seconds}

@@ -33,18 +33,21 @@ other than the diagonal. With r_i the target score and s_j = softmax over the us
     TOP1-max        Σ_j s_j ( σ(r_j - r_i) + σ(r_j²) )
 
 Each returns the mean over rows with ``valid`` True (idle rows excluded) that have at least one usable
-negative (a row with none has nothing to rank against).
+negative (a row with none has nothing to rank against), or their sum with ``reduction="sum"`` (what a
+caller that weights steps by their events adds up, without reading the row count back from the device).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 EPS = 1e-24  # inside log(): keeps -log(0) finite, as the official code does
+Reduction = Literal["mean", "sum"]
 
 
 def _glorot_(weight: Tensor, blocks: int = 1) -> None:
@@ -147,10 +150,12 @@ class GRU4Rec(nn.Module):
 # ----------------------------------------------------------------------------------------------- losses
 
 
-def _mean(per_row: Tensor, valid: Tensor | None, usable: Tensor) -> Tensor:
-    """Mean over the rows that are valid and have at least one usable negative (0 if there are none)."""
+def _reduce(per_row: Tensor, valid: Tensor | None, usable: Tensor, reduction: Reduction) -> Tensor:
+    """Mean (or sum) over the rows that are valid and have at least one usable negative (0 if there are none)."""
     keep = usable.any(dim=-1) if valid is None else (valid.bool() & usable.any(dim=-1))
     per_row = torch.where(keep, per_row, torch.zeros_like(per_row))  # no NaN/inf from dropped rows
+    if reduction == "sum":
+        return per_row.sum()
     return per_row.sum() / keep.sum().clamp_min(1).to(per_row.dtype)
 
 
@@ -179,7 +184,7 @@ def negative_softmax(scores: Tensor, usable: Tensor) -> Tensor:
 
 
 def cross_entropy(scores: Tensor, mask: Tensor | None = None, log_q: Tensor | None = None,
-                  valid: Tensor | None = None) -> Tensor:
+                  valid: Tensor | None = None, reduction: Reduction = "mean") -> Tensor:
     """-log softmax(r - log_q)_i over the target and the usable negatives; log_q [M] or [B, M] is the
     log-probability with which each candidate was drawn (subtracting it corrects for popular items being
     negatives more often); None for no correction."""
@@ -187,24 +192,26 @@ def cross_entropy(scores: Tensor, mask: Tensor | None = None, log_q: Tensor | No
     _, usable = _targets_and_negatives(scores, mask)
     logits = logits.masked_fill(~(usable | _target_columns(scores)), float("-inf"))
     per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal()  # [B]
-    return _mean(per_row, valid, usable)
+    return _reduce(per_row, valid, usable, reduction)
 
 
-def bpr_max(scores: Tensor, mask: Tensor | None = None, reg: float = 1.0, valid: Tensor | None = None) -> Tensor:
+def bpr_max(scores: Tensor, mask: Tensor | None = None, reg: float = 1.0, valid: Tensor | None = None,
+            reduction: Reduction = "mean") -> Tensor:
     """-log Σ_j s_j σ(r_i - r_j) + λ Σ_j s_j r_j² (BPR-max with score regularisation, λ = ``reg``)."""
     target, usable = _targets_and_negatives(scores, mask)
     s = negative_softmax(scores, usable)  # [B, M]
     ranking = (s * torch.sigmoid(target.unsqueeze(1) - scores)).sum(-1)  # [B]
     per_row = -torch.log(ranking + EPS) + reg * (s * scores.pow(2)).sum(-1)
-    return _mean(per_row, valid, usable)
+    return _reduce(per_row, valid, usable, reduction)
 
 
-def top1_max(scores: Tensor, mask: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+def top1_max(scores: Tensor, mask: Tensor | None = None, valid: Tensor | None = None,
+             reduction: Reduction = "mean") -> Tensor:
     """Σ_j s_j (σ(r_j - r_i) + σ(r_j²)) (TOP1-max; the σ(r_j²) term pushes negative scores to 0)."""
     target, usable = _targets_and_negatives(scores, mask)
     s = negative_softmax(scores, usable)  # [B, M]
     per_row = (s * (torch.sigmoid(scores - target.unsqueeze(1)) + torch.sigmoid(scores.pow(2)))).sum(-1)
-    return _mean(per_row, valid, usable)
+    return _reduce(per_row, valid, usable, reduction)
 
 
 def elu_scores(scores: Tensor, alpha: float) -> Tensor:
