@@ -160,6 +160,12 @@ def test_losses_match_hand_computations_and_mask_accidental_hits():
     ce1_masked = -math.log(softmax([1.0, 0.0])[1])
     assert g4r.cross_entropy(r, mask).item() == pytest.approx((ce0 + ce1_masked) / 2, rel=1e-5)
     assert g4r.cross_entropy(r, mask, valid=torch.tensor([False, True])).item() == pytest.approx(ce1_masked, rel=1e-5)
+    # Steps scored at once ([T, B, M]) sum to the steps' own sums, each with its own mask and rows.
+    steps, masks = torch.stack([r, r.flip(0)]), torch.stack([mask, mask])
+    valid = torch.tensor([[True, True], [False, True]])
+    for loss in (g4r.cross_entropy, g4r.bpr_max, g4r.top1_max):
+        each = sum(loss(steps[t], masks[t], valid=valid[t], reduction="sum") for t in range(2))
+        assert loss(steps, masks, valid=valid, reduction="sum").item() == pytest.approx(each.item(), rel=1e-6)
     # A row with no usable negative adds nothing, and its gradient is finite.
     lonely = torch.tensor([[1.0]], requires_grad=True)
     for loss in (g4r.bpr_max(lonely), g4r.top1_max(lonely), g4r.cross_entropy(lonely)):

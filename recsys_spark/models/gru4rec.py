@@ -7,9 +7,10 @@ one whole session per row, padded with PAD (-1) (``data.sequences.session_item_a
 or ``user_sequences``). The trainer's batch of R sessions is one optimiser step: ``loss`` runs the
 session-parallel iteration (``data.session_batches``) over those R sessions with ``parallel`` rows,
 scoring each step's targets against the step's other targets plus ``n_sample`` shared
-popularity-sampled negatives, and returns the mean loss over all R sessions' events. The whole pass is cut
-on the host (``SessionParallelBatches.stacked``), copied to the device in one go with all its negatives drawn
-at once, and no step reads a value back, so on a GPU the steps queue without waiting. The hidden state is
+popularity-sampled negatives, and returns the mean loss over all R sessions' events. The whole pass is
+cut on the host (``SessionParallelBatches.stacked``) and copied to the device in one go, its negatives
+drawn at once; the GRU runs step by step, then the scores and losses of all steps are computed together,
+and nothing is read back on the way, so on a GPU the kernels queue without waiting. The hidden state is
 detached between steps by default (``truncate_bptt``: one-step back-propagation through time, as the
 official implementation); the gradient is then the mean of the steps' gradients. The paper's own
 schedule, one update per session-parallel step, is :func:`fit_session_parallel` (one process; what
@@ -148,48 +149,54 @@ class GRU4RecTask(SampledTask):
             return GRU4Rec(self.n_items, hidden=p.hidden, layers=p.layers, embedding=p.embedding,
                            constrained=p.constrained, dropout_embed=p.dropout_embed, dropout_hidden=p.dropout_hidden)
 
-    def step_loss(self, model: nn.Module, step: Step, hidden: Tensor | None,
-                  sample: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One session-parallel step on the device: (sum of its active rows' losses, new hidden).
+    def steps_loss(self, model: nn.Module, steps: Step, hidden: Tensor | None,
+                   samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """T session-parallel steps on the device: (sum of their active rows' losses, the last hidden).
 
-        ``step`` holds tensors [P] on the model's device, ``sample`` the step's ``n_sample`` negatives [S]
-        (drawn ∝ count ** alpha). Candidates: every row's target (row i's in column i) then the sample;
-        an idle row's column is no candidate and its row adds nothing, and accidental hits (a candidate
-        equal to the row's target off the diagonal) are masked out. Nothing here reads a value back to
-        the host, so the steps of a batch queue up on a GPU without waiting for one another.
+        ``steps`` holds tensors [T, P] on the model's device, ``samples`` each step's ``n_sample``
+        negatives [T, S] (drawn ∝ count ** alpha). The GRU runs step by step; the scores and losses of
+        all T steps are then computed at once. A step's candidates: every row's target (row i's in
+        column i) then its sample; an idle row's column is no candidate and its row adds nothing, and
+        accidental hits (a candidate equal to the row's target off the diagonal) are masked out.
+        Nothing reads a value back to the host, so on a GPU the kernels queue without waiting.
         """
         p = self.params
-        inputs, targets, reset, active = step
-        out, hidden = model.forward_step(inputs, hidden, reset)  # [P, H], [layers, P, H]
-        target = targets.clamp(min=0)  # [P]; an idle row's PAD reads item 0, masked below
-        candidates, usable_column = target, active  # [P], [P]
-        if sample is not None:
-            candidates = torch.cat([target, sample])  # [P + S]
-            usable_column = torch.cat([active, torch.ones_like(sample, dtype=torch.bool)])  # [P + S]
+        inputs, targets, reset, active = steps
+        outputs = []
+        for t in range(inputs.shape[0]):
+            out, hidden = model.forward_step(inputs[t], hidden, reset[t])  # [P, H], [layers, P, H]
+            outputs.append(out)
+            if p.truncate_bptt:
+                hidden = hidden.detach()
+        out = torch.stack(outputs)  # [T, P, H]
+        target = targets.clamp(min=0)  # [T, P]; an idle row's PAD reads item 0, masked below
+        candidates, usable_column = target, active  # [T, M], M = P (+ S)
+        if samples is not None:
+            candidates = torch.cat([target, samples], dim=1)  # [T, P + S]
+            usable_column = torch.cat([active, torch.ones_like(samples, dtype=torch.bool)], dim=1)
         log_q = None
         if p.loss == "ce" and p.logq > 0 and self.item_counts is not None:
-            log_q = p.logq * self._log_expected_draws(candidates, active.sum(), out.device)  # [P + S]
-            log_q = torch.where(usable_column, log_q, torch.zeros_like(log_q))  # idle columns: no log(0)
-        scores = unwrap(model).scores(out, candidates)  # [P, P + S]
-        mask = (candidates.unsqueeze(0) != target.unsqueeze(1)) & usable_column  # [P, P + S], True = negative
+            log_q = p.logq * self._log_expected_draws(candidates, active.sum(1, keepdim=True), out.device)
+            log_q = torch.where(usable_column, log_q, torch.zeros_like(log_q)).unsqueeze(1)  # [T, 1, M]
+        scores = unwrap(model).scores(out, candidates)  # [T, P, M]
+        mask = (candidates.unsqueeze(1) != target.unsqueeze(2)) & usable_column.unsqueeze(1)  # [T, P, M]
         if p.loss == "ce":
             loss = g4r.cross_entropy(scores, mask, log_q, valid=active, reduction="sum")
         elif p.loss == "bpr-max":
             loss = g4r.bpr_max(g4r.elu_scores(scores, p.elu_param), mask, reg=p.bpreg, valid=active, reduction="sum")
         else:
             loss = g4r.top1_max(scores, mask, valid=active, reduction="sum")
-        if p.truncate_bptt:
-            hidden = hidden.detach()
         return loss, hidden
 
-    def negatives_per_step(self, steps: int, device: torch.device) -> list[Tensor | None]:
-        """The ``n_sample`` negatives of each of ``steps`` steps, drawn in one call: [S] each, or None."""
+    def negatives(self, steps: int, device: torch.device) -> Tensor | None:
+        """The ``n_sample`` negatives of each of ``steps`` steps, drawn in one call: [T, S], or None."""
         if self.params.n_sample == 0:
-            return [None] * steps
-        return list(self.sample("popularity", (steps, self.params.n_sample), device).items.unbind(0))
+            return None
+        return self.sample("popularity", (steps, self.params.n_sample), device).items
 
     def _log_expected_draws(self, items: Tensor, n_targets: int | Tensor, device: torch.device) -> Tensor:
-        """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j): the step's b targets arrive in
+        """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j) (``n_targets`` b per step, broadcast
+        against ``items``): the step's b targets arrive in
         proportion to the counts c (they are the data), its S samples with q ∝ c ** alpha. Subtracting it
         from the scores is the log-Q correction of sampled softmax, for both kinds of candidates alike."""
         counts = self._counts_on(device)
@@ -218,11 +225,8 @@ class GRU4RecTask(SampledTask):
         if events == 0:  # no session with two items in this batch: a zero loss with a gradient path
             return sum(p.sum() for p in model.parameters()) * 0.0
         device = model_device(model)
-        on_device = Step(*(torch.from_numpy(x).to(device, non_blocking=True) for x in steps))
-        total, hidden = None, None
-        for t, sample in enumerate(self.negatives_per_step(len(steps.inputs), device)):
-            loss, hidden = self.step_loss(model, Step(*(x[t] for x in on_device)), hidden, sample)
-            total = loss if total is None else total + loss
+        on_device = Step(*(torch.from_numpy(x).to(device, non_blocking=True) for x in steps))  # [T, P] each
+        total, _ = self.steps_loss(model, on_device, None, self.negatives(len(steps.inputs), device))
         return total / events
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -259,8 +263,8 @@ def fit_session_parallel(task: GRU4RecTask, sessions: SessionData | Sequence[Seq
         for step in batches:
             n = int(step.active.sum())
             optimizer.zero_grad()
-            on_device = Step(*(torch.from_numpy(x).to(device) for x in step))
-            loss, hidden = task.step_loss(model, on_device, hidden, task.negatives_per_step(1, device)[0])
+            on_device = Step(*(torch.from_numpy(x[None]).to(device) for x in step))  # [1, P] each
+            loss, hidden = task.steps_loss(model, on_device, hidden, task.negatives(1, device))
             (loss / n).backward()
             optimizer.step()
             hidden = hidden.detach()

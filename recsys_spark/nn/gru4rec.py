@@ -32,9 +32,11 @@ other than the diagonal. With r_i the target score and s_j = softmax over the us
     BPR-max         -log Σ_j s_j σ(r_i - r_j)  +  λ Σ_j s_j r_j²
     TOP1-max        Σ_j s_j ( σ(r_j - r_i) + σ(r_j²) )
 
-Each returns the mean over rows with ``valid`` True (idle rows excluded) that have at least one usable
-negative (a row with none has nothing to rank against), or their sum with ``reduction="sum"`` (what a
-caller that weights steps by their events adds up, without reading the row count back from the device).
+``scores`` may carry leading dimensions ([T, B, M]: T steps scored at once, each with its own candidates;
+``mask`` and ``valid`` alike). Each returns the mean over rows with ``valid`` True (idle rows excluded)
+that have at least one usable negative (a row with none has nothing to rank against), or their sum with
+``reduction="sum"`` (what a caller that weights steps by their events adds up, without reading the row
+count back from the device).
 """
 
 from __future__ import annotations
@@ -140,11 +142,12 @@ class GRU4Rec(nn.Module):
         return out
 
     def scores(self, out: Tensor, items: Tensor | None = None) -> Tensor:
-        """out [B, H] -> r [B, M] against ``items`` [M], or [B, n_items] against the catalogue."""
+        """out [B, H] -> r [B, M] against ``items`` [M], or [B, n_items] against the catalogue; out [T, B, H]
+        against items [T, M] -> [T, B, M] (each step its own candidates)."""
         if items is None:
             return out @ self.out_emb.weight.T + self.out_bias.weight.T  # [B, n_items]
         items = items.long()
-        return out @ self.out_emb(items).T + self.out_bias(items).T  # [B, M]
+        return out @ self.out_emb(items).transpose(-1, -2) + self.out_bias(items).transpose(-1, -2)  # [..., B, M]
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -160,18 +163,19 @@ def _reduce(per_row: Tensor, valid: Tensor | None, usable: Tensor, reduction: Re
 
 
 def _target_columns(scores: Tensor) -> Tensor:
-    """[B, M] bool, True at (i, i): each row's target column."""
-    B, M = scores.shape
+    """[B, M] bool, True at (i, i): each row's target column (broadcasts over leading step dimensions)."""
+    B, M = scores.shape[-2:]
     eye = torch.zeros(B, M, dtype=torch.bool, device=scores.device)
     eye[:, :B] = torch.eye(B, dtype=torch.bool, device=scores.device)
     return eye
 
 
 def _targets_and_negatives(scores: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(target scores r_i [B], usable-negative mask [B, M]): the diagonal is the target, never a negative."""
+    """(target scores r_i [..., B], usable-negative mask [..., B, M]): the diagonal is the target, never a
+    negative."""
     eye = _target_columns(scores)
-    usable = ~eye if mask is None else (mask.bool() & ~eye)
-    return scores.diagonal(), usable
+    usable = ~eye.expand(scores.shape) if mask is None else (mask.bool() & ~eye)
+    return scores.diagonal(dim1=-2, dim2=-1), usable
 
 
 def negative_softmax(scores: Tensor, usable: Tensor) -> Tensor:
@@ -185,13 +189,13 @@ def negative_softmax(scores: Tensor, usable: Tensor) -> Tensor:
 
 def cross_entropy(scores: Tensor, mask: Tensor | None = None, log_q: Tensor | None = None,
                   valid: Tensor | None = None, reduction: Reduction = "mean") -> Tensor:
-    """-log softmax(r - log_q)_i over the target and the usable negatives; log_q [M] or [B, M] is the
+    """-log softmax(r - log_q)_i over the target and the usable negatives; log_q [M] or [..., B, M] is the
     log-probability with which each candidate was drawn (subtracting it corrects for popular items being
     negatives more often); None for no correction."""
     logits = scores if log_q is None else scores - log_q  # [B, M]
     _, usable = _targets_and_negatives(scores, mask)
     logits = logits.masked_fill(~(usable | _target_columns(scores)), float("-inf"))
-    per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal()  # [B]
+    per_row = torch.logsumexp(logits, dim=-1) - logits.diagonal(dim1=-2, dim2=-1)  # [B]
     return _reduce(per_row, valid, usable, reduction)
 
 
@@ -200,7 +204,7 @@ def bpr_max(scores: Tensor, mask: Tensor | None = None, reg: float = 1.0, valid:
     """-log Σ_j s_j σ(r_i - r_j) + λ Σ_j s_j r_j² (BPR-max with score regularisation, λ = ``reg``)."""
     target, usable = _targets_and_negatives(scores, mask)
     s = negative_softmax(scores, usable)  # [B, M]
-    ranking = (s * torch.sigmoid(target.unsqueeze(1) - scores)).sum(-1)  # [B]
+    ranking = (s * torch.sigmoid(target.unsqueeze(-1) - scores)).sum(-1)  # [B]
     per_row = -torch.log(ranking + EPS) + reg * (s * scores.pow(2)).sum(-1)
     return _reduce(per_row, valid, usable, reduction)
 
@@ -210,7 +214,7 @@ def top1_max(scores: Tensor, mask: Tensor | None = None, valid: Tensor | None = 
     """Σ_j s_j (σ(r_j - r_i) + σ(r_j²)) (TOP1-max; the σ(r_j²) term pushes negative scores to 0)."""
     target, usable = _targets_and_negatives(scores, mask)
     s = negative_softmax(scores, usable)  # [B, M]
-    per_row = (s * (torch.sigmoid(scores - target.unsqueeze(1)) + torch.sigmoid(scores.pow(2)))).sum(-1)
+    per_row = (s * (torch.sigmoid(scores - target.unsqueeze(-1)) + torch.sigmoid(scores.pow(2)))).sum(-1)
     return _reduce(per_row, valid, usable, reduction)
 
 
