@@ -80,6 +80,18 @@ def test_broken_file_every_row_accounted_for(spark, tmp_path, warehouse):
     assert all(r.source == path for r in rejected)
 
 
+def test_undecodable_bytes_reject_an_event_only_in_the_fields_it_keeps(spark, tmp_path, warehouse):
+    # A column no preset field maps is not stored, so its bytes do not make the event invalid; the
+    # rejected row keeps its raw text (undecodable bytes shown as U+FFFD).
+    path = _write(tmp_path, "extra.csv", b"user_id,item_id,event_type,event_time,note\n"
+                  b"u1,i1,view,2024-01-01 10:00:00,caf\xe9\n"
+                  b"u\xe92,i1,view,2024-01-01 10:00:00,ok\n")
+    s = _ingest(spark, path, "canonical", warehouse)
+    assert (s.rows_read, s.accepted, s.rejected) == (2, 1, {"invalid_utf8": 1})
+    (rejected,) = tb.read(spark, warehouse, tb.BRONZE_REJECTED).collect()
+    assert rejected.raw == "u\ufffd2,i1,view,2024-01-01 10:00:00,ok"
+
+
 def test_reingest_changes_nothing(spark, tmp_path, warehouse):
     path = _write(tmp_path, "broken.csv", BROKEN)
     first = _ingest(spark, path, "canonical", warehouse)

@@ -103,7 +103,8 @@ def canonical_type(raw: Column) -> Column:
 
 
 def validate(raw: DataFrame, preset: Preset, config: IngestConfig, now: dt.datetime) -> DataFrame:
-    """Canonical columns plus ``reason`` (null for a valid row) for every raw row."""
+    """Canonical columns plus ``reason`` (null for a valid row) for every raw row; ``_raw`` (the row's
+    original text) on rejected rows only, null on valid ones, which are cached without it."""
     col = lambda name: source_column(raw, name)  # noqa: E731
     user, item, time_raw = F.trim(col(preset.user)), F.trim(col(preset.item)), col(preset.time)
     type_raw = col(preset.event_type) if preset.event_type else F.lit(preset.default_event_type)
@@ -114,9 +115,12 @@ def validate(raw: DataFrame, preset: Preset, config: IngestConfig, now: dt.datet
     max_time = now + dt.timedelta(days=config.max_future_days)
     event_type = canonical_type(type_raw)
 
+    # Undecodable bytes are looked for in the fields an event keeps, not in ``_raw``: for a table input
+    # ``_raw`` is the whole row serialised (to_json), which only a rejected row needs.
+    kept = F.concat_ws("\u001f", *[col(name) for name in preset.mapped().values() if name])
     reason = (
         F.when(F.col(MALFORMED).isNotNull(), F.col(MALFORMED))
-        .when(utf8_checked(F.col(RAW)).contains("\ufffd"), F.lit("invalid_utf8"))
+        .when(utf8_checked(kept).contains("\ufffd"), F.lit("invalid_utf8"))
         .when(_blank(user), F.lit("missing_user_id"))
         .when(_blank(item), F.lit("missing_item_id"))
         .when(_blank(time_raw), F.lit("missing_event_time"))
@@ -131,8 +135,8 @@ def validate(raw: DataFrame, preset: Preset, config: IngestConfig, now: dt.datet
     )
     session = F.trim(col(preset.session))
     category = F.trim(col(preset.category))
-    return raw.select(
-        utf8_checked(F.col(RAW)).alias(RAW),
+    checked = raw.select(
+        F.col(RAW),
         F.col(SOURCE),
         reason.alias(REASON),
         user.alias(tb.USER_ID),
@@ -144,6 +148,9 @@ def validate(raw: DataFrame, preset: Preset, config: IngestConfig, now: dt.datet
         F.when(~_blank(category), category).alias(tb.CATEGORY),
         price_raw.cast("double").alias(tb.PRICE),
     )
+    # A second projection, so that ``reason`` is computed once (the optimizer does not inline an
+    # expression used twice): the raw text is kept for the quarantine only.
+    return checked.withColumn(RAW, F.when(F.col(REASON).isNotNull(), utf8_checked(F.col(RAW))))
 
 
 def event_id() -> Column:
