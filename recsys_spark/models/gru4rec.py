@@ -57,7 +57,6 @@ def steps_per_scoring(device: torch.device) -> int:
     return 1 << 30 if device.type == "cuda" else 4
 
 
-
 class GRU4RecNetParams(Section):
     """GRU4Rec (Hidasi et al. 2016; Hidasi & Karatzoglou 2018). Defaults follow the official
     implementation's best cross-entropy set-up on RSC15 (Yoochoose) with 100 units: constrained
@@ -212,10 +211,10 @@ class GRU4RecTask(SampledTask):
         return self.sample("popularity", (steps, self.params.n_sample), device).items
 
     def _log_expected_draws(self, items: Tensor, n_targets: int | Tensor, device: torch.device) -> Tensor:
-        """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j) (``n_targets`` b per step, broadcast
-        against ``items``): the step's b targets arrive in
-        proportion to the counts c (they are the data), its S samples with q ∝ c ** alpha. Subtracting it
-        from the scores is the log-Q correction of sampled softmax, for both kinds of candidates alike."""
+        """log E[times item j is a candidate] = log(b·c_j/Σc + S·q_j), with b = ``n_targets`` per step
+        (broadcast against ``items``): the step's b targets arrive in proportion to the counts c (they are
+        the data), its S samples with q ∝ c ** alpha. Subtracting it from the scores is the log-Q
+        correction of sampled softmax, for both kinds of candidates alike."""
         counts = self._counts_on(device)
         expected = n_targets * counts[items] / counts.sum()
         if self.params.n_sample > 0:
