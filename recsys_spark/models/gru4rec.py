@@ -57,6 +57,11 @@ def steps_per_scoring(device: torch.device) -> int:
     return 1 << 30 if device.type == "cuda" else 4
 
 
+def on_device(steps: Step, device: torch.device | str) -> Step:
+    """Session-parallel numpy arrays ([T, P] or [P]) as tensors on ``device``, one copy per array."""
+    return Step(*(torch.from_numpy(x).to(device, non_blocking=True) for x in steps))
+
+
 class GRU4RecNetParams(Section):
     """GRU4Rec (Hidasi et al. 2016; Hidasi & Karatzoglou 2018). Defaults follow the official
     implementation's best cross-entropy set-up on RSC15 (Yoochoose) with 100 units: constrained
@@ -235,14 +240,13 @@ class GRU4RecTask(SampledTask):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The mean loss per event of the batch's sessions, run session-parallel: the whole pass is cut
         on the host, copied to the device at once, and its negatives drawn in one call."""
-        steps = SessionParallelBatches(sessions_from_padded(batch[tb.ITEMS].cpu().numpy()), self.params.parallel)
-        steps = steps.stacked()  # [T, P] each
+        sessions = sessions_from_padded(batch[tb.ITEMS].cpu().numpy())
+        steps = SessionParallelBatches(sessions, self.params.parallel).stacked()  # [T, P] each
         events = int(steps.active.sum())
         if events == 0:  # no session with two items in this batch: a zero loss with a gradient path
             return sum(p.sum() for p in model.parameters()) * 0.0
         device = model_device(model)
-        on_device = Step(*(torch.from_numpy(x).to(device, non_blocking=True) for x in steps))  # [T, P] each
-        total, _ = self.steps_loss(model, on_device, None, self.negatives(len(steps.inputs), device))
+        total, _ = self.steps_loss(model, on_device(steps, device), None, self.negatives(len(steps.inputs), device))
         return total / events
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -279,8 +283,8 @@ def fit_session_parallel(task: GRU4RecTask, sessions: SessionData | Sequence[Seq
         for step in batches:
             n = int(step.active.sum())
             optimizer.zero_grad()
-            on_device = Step(*(torch.from_numpy(x[None]).to(device) for x in step))  # [1, P] each
-            loss, hidden = task.steps_loss(model, on_device, hidden, task.negatives(1, device))
+            one = on_device(Step(*(x[None] for x in step)), device)  # [1, P] each
+            loss, hidden = task.steps_loss(model, one, hidden, task.negatives(1, device))
             (loss / n).backward()
             optimizer.step()
             hidden = hidden.detach()
