@@ -88,13 +88,27 @@ def _positives() -> dict[str, torch.Tensor]:
     return {tb.USER_IDX: users_t, tb.ITEM_IDX: items_t, tb.FIELDS: torch.cat([fields, fields * 0], dim=1)}
 
 
-@pytest.mark.parametrize("loss", ["warp", "bpr"])
-def test_planted_cold_item_is_ranked_by_its_features(loss):
+def test_id_dropout_blanks_a_share_of_users_identity_and_nothing_else():
+    """A row trained as a cold user reads what serving gives a cold user: id 0, side features kept."""
+    users = torch.stack([torch.arange(1, 2001), torch.full((2000,), 2)], dim=1)  # [B, Fu]: id, group
+    task = LightFMTask(LightFMNetParams(id_dropout=0.3), _spec(), np.ones((ITEMS, 2), dtype=np.int64))
+    task.seed_negatives(0)
+    cold = task._make_cold(users)
+    blanked = cold[:, 0] == 0
+    assert 0.27 < blanked.float().mean() < 0.33
+    assert torch.equal(cold[~blanked], users[~blanked]) and (cold[:, 1] == 2).all()
+    off = LightFMTask(LightFMNetParams(id_dropout=0.0), _spec(), np.ones((ITEMS, 2), dtype=np.int64))
+    assert torch.equal(off._make_cold(users), users)
+
+
+@pytest.mark.parametrize("loss, id_dropout", [("warp", 0.0), ("bpr", 0.0), ("warp", 0.3)])
+def test_planted_cold_item_is_ranked_by_its_features(loss, id_dropout):
     data = _positives()
     raw = np.stack([np.arange(ITEMS) + 1, np.where((np.arange(ITEMS) < 10) | (np.arange(ITEMS) == COLD), 1, 2)], 1)
     table = cold_items_unknown(raw, _spec(), np.bincount(data[tb.ITEM_IDX].numpy(), minlength=ITEMS))
     assert table[COLD].tolist() == [0, 1] and (table[:COLD, 0] == np.arange(1, COLD + 1)).all()
-    task = LightFMTask(LightFMNetParams(dim=8, loss=loss, n_negatives=4, seed=0), _spec(), table)
+    task = LightFMTask(LightFMNetParams(dim=8, loss=loss, n_negatives=4, id_dropout=id_dropout, seed=0), _spec(),
+                       table)
     task = pickle.loads(pickle.dumps(task))  # what the launcher does to ship it to a rank
     model = task.build_model()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)

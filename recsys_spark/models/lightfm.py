@@ -17,7 +17,11 @@ Cold start: an item with no train interaction has its identity feature unknown (
 the model trains and serves with, and a user the fit never saw (absent from the train split but in
 ``silver/user_features``) has its identity and activity fields unknown (``FeatureSpec.history_fields``):
 their vectors are the sums of their remaining features' embeddings, which training learnt from every
-user and item that has them. Untrained identity rows are never read.
+user and item that has them. Untrained identity rows are never read. A departure from LightFM: with
+``id_dropout`` > 0 (0.1 by default) that share of the training rows reads its user the way a cold user
+reads (id and activity fields unknown), so the side features also learn to stand alone, not only as
+small corrections to an identity that a cold user lacks (DropoutNet, Volkovs et al. 2017); 0 is LightFM's
+own training.
 
 Serving is a dot product: ``user_factors`` is ``[p_u, b_u, 1]`` and ``item_factors`` ``[q_i, 1, b_i]``
 (d + 2 dimensions), whose dot product is exactly f(u, i); ``recommend`` is
@@ -66,6 +70,8 @@ class LightFMNetParams(Section):
     loss: Literal["warp", "bpr", "logistic"] = "warp"
     max_sampled: int = Field(10, gt=0, description="warp: negatives drawn per positive at most")
     n_negatives: int = Field(1, gt=0, description="bpr, logistic: sampled negatives per positive")
+    id_dropout: float = Field(0.1, ge=0, lt=1, description="share of rows trained as a cold user: the user's "
+                                                            "id and activity fields unknown (0 = LightFM's)")
     seed: int = 42
 
 
@@ -108,6 +114,7 @@ class LightFMTask(FeatureTask):
             raise ValueError("lightfm needs at least 2 items to sample negatives")
         self.params = params
         self.n_user_fields = len(spec.user_fields)
+        self.cold_user_positions = spec.positions(spec.history_fields)  # inside the user block (it comes first)
 
     def build_model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, global RNG untouched
@@ -115,9 +122,21 @@ class LightFMTask(FeatureTask):
             sizes = self.spec.sizes
             return LightFM(sizes[:self.n_user_fields], sizes[self.n_user_fields:], dim=self.params.dim)
 
+    def _make_cold(self, users: Tensor) -> Tensor:
+        """users [B, Fu] with, at rate ``id_dropout``, a row's id and activity fields 0: what a cold user
+        reads at serving, so the side features learn to stand alone (DropoutNet, Volkovs et al. 2017)."""
+        if self.params.id_dropout <= 0:
+            return users
+        cold = torch.rand(users.shape[0], 1, generator=self.generator(users.device),
+                          device=users.device) < self.params.id_dropout  # [B, 1]
+        users = users.clone()
+        at = self.cold_user_positions
+        users[:, at] = torch.where(cold, torch.zeros_like(users[:, at]), users[:, at])
+        return users
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         p = self.params
-        users = batch[tb.FIELDS].long()[:, :self.n_user_fields]  # [B, Fu]
+        users = self._make_cold(batch[tb.FIELDS].long()[:, :self.n_user_fields])  # [B, Fu]
         items = batch[tb.ITEM_IDX].long()  # [B]
         m = p.max_sampled if p.loss == "warp" else p.n_negatives
         neg = self.sample("uniform", (items.shape[0], m), items.device, positives=items)  # items [B, m]
