@@ -10,7 +10,9 @@ the fallback and the bar to clear). Protocol, on one data set prepared by the pi
   score a user gives way to popularity (``recommend_with_fallback``, as the pipeline serves), and the share
   it served itself is recorded. Scored twice: against each cold user's test item (leave-last-out), and
   against all of the cold user's items (train and test: what a new user goes on to interact with).
-  No seen filter: the system has seen nothing of these users.
+  No seen filter: the system has seen nothing of these users. Each model's per-user NDCG@10 is compared
+  with popularity's on the same users (``vs_popularity``: the mean paired difference, its standard
+  error and a bootstrap interval): "better than popularity" is a claim about that difference.
 - **Cold items**: a fraction ``--cold-items`` of the items is taken out of train as well (every row of
   theirs). Scored on the warm users whose test item is a cold item: the full catalogue ranked, the
   user's train items filtered. Popularity cannot recommend an item nobody interacted with, so it scores
@@ -24,7 +26,8 @@ the fallback and the bar to clear). Protocol, on one data set prepared by the pi
 Each row is fitted once with its configured default (``conf/models/<name>.yaml``) plus ``--settings``
 (JSON: model -> overrides, e.g. the best setting ``bench_quality.py`` found). Torch models train on the
 one-process launcher, as in ``bench_quality.py``. The JSON keeps every figure, the commit, the machine
-and its load.
+and its load. The held-out users are the test set of a cold-start design: choose settings with one
+``--seed`` and report with another, never the same.
 
 Usage::
 
@@ -115,7 +118,7 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
                               "cold_item_test_users": cold_item_test.count(), "rows": {}}
     log.info("%s: %s", name, {k: v for k, v in result.items() if k != "rows"})
 
-    popularity = None
+    popularity, reference = None, {}  # popularity's per-user NDCG@10 on each cold-user truth
     for row in ["popularity", *[m for m in models if m != "popularity"]]:
         setting = settings.get(row, {})
         model, seconds = bq.fit_ours(row, setting, config, warm_train, tempfile.mkdtemp(prefix=f"bc-{row}-"))
@@ -127,12 +130,15 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
         warm_users = cold_item_test.select(tb.USER_IDX).distinct()
         item_recs = model.recommend(warm_users, bq.K, seen=warm_train)
         result["rows"][row] = {
-            "setting": setting, "fit_s": round(seconds, 2),
+            "setting": setting, "fit_s": round(seconds, 2), **bq.training_of(model),
             "cold_users_served_by_model": served / max(1, result["cold_users"]),
-            "cold_users_test_item": scores(cold, cold_user_test, warm_train, n_items),
-            "cold_users_all_items": scores(cold, cold_user_all, warm_train, n_items),
             "cold_items": scores(item_recs, cold_item_test, warm_train, n_items),
         }
+        for key, truth in (("cold_users_test_item", cold_user_test), ("cold_users_all_items", cold_user_all)):
+            per_user = bq.user_ndcg(cold, truth)
+            reference.setdefault(key, per_user)  # popularity's, fitted first
+            result["rows"][row][key] = {**scores(cold, truth, warm_train, n_items),
+                                        "vs_popularity": bq.paired_lift(per_user, reference[key])}
         cold.unpersist()
         log.info("%s: %s", row, result["rows"][row])
     return result
@@ -146,9 +152,15 @@ def table(results: dict) -> str:
                   "| model | served by model | NDCG@10 cold users, test item | NDCG@10 cold users, all items | "
                   "HR@10 cold items | NDCG@10 cold items |", "|---|---:|---:|---:|---:|---:|"]
         for row, r in result["rows"].items():
-            lines.append(f"| {row} | {r['cold_users_served_by_model']:.2f} | "
-                         f"{r['cold_users_test_item']['ndcg@10']:.4f} | {r['cold_users_all_items']['ndcg@10']:.4f} | "
+            cells = []
+            for key in ("cold_users_test_item", "cold_users_all_items"):
+                lift = r[key].get("vs_popularity")
+                versus = f" ({lift['lift']:+.4f} ± {lift['lift_se']:.4f})" if lift and row != "popularity" else ""
+                cells.append(f"{r[key]['ndcg@10']:.4f}{versus}")
+            lines.append(f"| {row} | {r['cold_users_served_by_model']:.2f} | {cells[0]} | {cells[1]} | "
                          f"{r['cold_items']['hr@10']:.4f} | {r['cold_items']['ndcg@10']:.4f} |")
+        lines.append("\n(in brackets: the paired difference from popularity on the same users, and its standard "
+                     "error)")
     return "\n".join(lines)
 
 
