@@ -45,6 +45,18 @@ def test_log_q_correction_changes_the_loss_as_the_formula_says():
     assert abs(corrected - plain) > 1e-3
 
 
+def _trained(task: TwoTowerTask, batch: dict[str, torch.Tensor], steps: int, lr: float) -> torch.nn.Module:
+    """The task's network after ``steps`` Adam steps on the one ``batch``, in eval mode."""
+    task.seed_negatives(0)
+    model = task.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        task.loss(model, batch).backward()
+        optimizer.step()
+    return model.eval()
+
+
 def test_a_cold_item_is_ranked_by_its_features():
     """Planted: users of group g click only the items of genre g. After training with id dropout, an item
     with an unknown id (0) and genre g gets a finite vector and ranks above the other genre's for group g."""
@@ -59,15 +71,7 @@ def test_a_cold_item_is_ranked_by_its_features():
              tb.FIELDS: torch.stack([users + 1, torch.as_tensor(group)[users]], dim=1),
              tb.ITEMS: torch.full((len(pairs), 3), tb.PAD_IDX)}
     params = TwoTowerNetParams(dim=8, field_dim=8, hidden=[16], dropout=0.0, temperature=0.1, id_dropout=0.5)
-    task = TwoTowerTask(params, spec, item_fields, np.full(n_items, 4.0))
-    task.seed_negatives(0)
-    model = task.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        optimizer.zero_grad()
-        task.loss(model, batch).backward()
-        optimizer.step()
-    model.eval()
+    model = _trained(TwoTowerTask(params, spec, item_fields, np.full(n_items, 4.0)), batch, steps=60, lr=0.01)
     with torch.no_grad():
         cold = model.item_vectors(torch.tensor([[0, 1], [0, 2]]))  # [2, d]: new ids, genres 1 and 2
         queries = torch.tensor([[1, 1], [5, 2], [0, 1], [0, 2]])  # users 0 and 4, then two cold users
@@ -90,15 +94,8 @@ def test_item_bias_ranks_a_cold_user_by_popularity_and_serving_keeps_it():
              tb.FIELDS: torch.stack([users + 1, 1 + users % 2], dim=1), tb.ITEMS: torch.full((len(pairs), 3), -1)}
     params = TwoTowerNetParams(dim=8, field_dim=8, hidden=[16], dropout=0.0, temperature=0.2, id_dropout=0.5,
                                item_bias=True)
-    task = TwoTowerTask(params, spec, item_fields, np.arange(n_users, 0, -1, dtype=np.float64))
-    task.seed_negatives(0)
-    model = task.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(150):
-        optimizer.zero_grad()
-        task.loss(model, batch).backward()
-        optimizer.step()
-    model.eval()
+    counts = np.arange(n_users, 0, -1, dtype=np.float64)
+    model = _trained(TwoTowerTask(params, spec, item_fields, counts), batch, steps=150, lr=0.02)
     queries, history = torch.tensor([[0, 1], [0, 2], [3, 2]]), torch.full((3, 3), -1)  # two cold users, a warm one
     items = torch.as_tensor(item_fields)
     with torch.no_grad():
