@@ -19,9 +19,8 @@ users without a train row (indexed later, or side-file users) read id, activity 
 
 Serving is a dot product: ``item_factors`` are the item tower's outputs for the whole catalogue (items
 indexed after the fit included, from ``silver/item_features``, with id 0), ``user_factors`` the user
-tower's, and ``recommend`` is ``scoring.top_k_from_factors`` over them (scores are cosines; with
-``item_bias`` both vectors gain a dimension, ``[u, 1]`` and ``[v, temperature b_i]``, and a score is the
-cosine plus ``temperature b_i``). Both land in ``gold/*_embeddings``.
+tower's, and ``recommend`` is ``scoring.top_k_from_factors`` over them (scores are cosines). Both land
+in ``gold/*_embeddings``.
 """
 
 from __future__ import annotations
@@ -70,12 +69,11 @@ class TwoTowerNetParams(Section):
     hidden: list[int] = Field(default_factory=lambda: [256], description="ReLU layers of each tower")
     dropout: float = Field(0.1, ge=0, lt=1)
     temperature: float = Field(0.05, gt=0, description="score = cos(u, i) / temperature")
-    item_bias: bool = Field(True, description="add b_i, a sum of per-field-value biases of the item (see nn)")
     history_len: int = Field(20, ge=1, description="the user's latest train items pooled by the user tower")
     history_decay: float = Field(1.0, gt=0, le=1, description="weight decay^age of a history item (1 = mean)")
     uniform_negatives: int = Field(0, ge=0, description="uniform negatives per batch, beside the in-batch ones")
     log_q_correction: bool = Field(True, description="subtract log Q of each candidate (Yi et al. 2019)")
-    id_dropout: float = Field(0.3, ge=0, lt=1, description="share of rows whose user (or item) id reads unknown")
+    id_dropout: float = Field(0.1, ge=0, lt=1, description="share of rows whose user (or item) id reads unknown")
     seed: int = 42
 
     @field_validator("hidden")
@@ -148,7 +146,7 @@ class TwoTowerTask(FeatureTask):
             cards = self.spec.cardinalities
             return TwoTower([cards[f] for f in self.spec.user_fields], [cards[f] for f in self.spec.item_fields],
                             self.n_items, dim=p.dim, field_dim=p.field_dim, hidden=p.hidden, dropout=p.dropout,
-                            temperature=p.temperature, history_decay=p.history_decay, item_bias=p.item_bias)
+                            temperature=p.temperature, history_decay=p.history_decay)
 
     def _make_cold(self, user_fields: Tensor, history: Tensor, item_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """At rate ``id_dropout``: each row's user cold (id and activity fields 0, history all padding),
@@ -265,7 +263,7 @@ class TwoTowerRecommender(FeatureRecommender):
                     history = torch.as_tensor(np.stack([empty if h is None else np.asarray(h, np.int64)
                                                         for h in part[tb.ITEMS]]))  # [U, L]
                     with torch.no_grad():
-                        vectors = module.user_export(fields, history).float().numpy()  # [U, d (+1)]
+                        vectors = module.user_vectors(fields, history).float().numpy()  # [U, d]
                     yield pd.DataFrame({tb.USER_IDX: part[tb.USER_IDX].to_numpy(), tb.EMBEDDING: list(vectors)})
 
         schema = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType()),
@@ -297,7 +295,7 @@ class TwoTowerRecommender(FeatureRecommender):
         spark = self._users.sparkSession
         self.module.eval()
         with torch.no_grad():
-            vectors = self.module.item_export(torch.as_tensor(self._item_block(spark))).float().numpy()  # [n, d (+1)]
+            vectors = self.module.item_vectors(torch.as_tensor(self._item_block(spark))).float().numpy()  # [n, d]
         return matrix_frame(spark, vectors, tb.ITEM_IDX)
 
     def _recommend(self, users, k, seen, exclude_items):

@@ -18,16 +18,9 @@ The towers, with ``e_f(x) = E_f[x]`` one ``field_dim`` embedding per categorical
     u    = normalise(MLP_u([e_1(x_1); ...; e_Fu(x_Fu); h_u]))                                    [B, d]
     v    = normalise(MLP_i([e_1(y_1); ...; e_Fi(y_Fi)]))                                          [N, d]
     s(u, i) = <u, v_i> / temperature  = cos(u, v_i) / temperature                                 [B, N]
-    (``item_bias``: s(u, i) = cos(u, v_i) / temperature + b_i,  b_i = Σ_f w_f(y_f), one scalar per
-     item field value: the per-class bias of the softmax layer of Covington et al. 2016)
 
 Both towers end L2-normalised, so the score is a cosine over a temperature: the item tower's outputs are
-the catalogue's embeddings and retrieval is a dot product with the user tower's output. The item bias
-carries what every user shares, an item's popularity under the log-Q corrected softmax, which a cosine
-can only hold in one direction that all user vectors lean to; a user with nothing but side features (a
-cold user) gets it whole. Like the item vector, b_i comes from the item's fields, so a new item (id 0)
-has one from its features. With it, retrieval stays one dot product: ``[u, 1] . [v_i, temperature b_i]``
-is ``temperature`` times the score (:meth:`TwoTower.user_export`, :meth:`TwoTower.item_export`). An MLP is its
+the catalogue's embeddings and retrieval is a dot product with the user tower's output. An MLP is its
 ``hidden`` ReLU layers (dropout after each) then a linear layer to ``dim``. Embeddings start N(0, 0.05);
 linear layers keep PyTorch's default. ``init_kwargs`` holds the constructor arguments (JSON), so a
 checkpoint is ``state_dict`` + ``init_kwargs``.
@@ -71,7 +64,7 @@ class FieldEmbedding(nn.Module):
 class TwoTower(nn.Module):
     def __init__(self, user_cardinalities: Sequence[int], item_cardinalities: Sequence[int], n_items: int,
                  dim: int = 64, field_dim: int = 32, hidden: Sequence[int] = (256,), dropout: float = 0.0,
-                 temperature: float = 0.05, history_decay: float = 1.0, item_bias: bool = False) -> None:
+                 temperature: float = 0.05, history_decay: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0 or not 0 < history_decay <= 1:
             raise ValueError("temperature must be > 0 and history_decay in (0, 1]")
@@ -80,7 +73,7 @@ class TwoTower(nn.Module):
         self.init_kwargs = {"user_cardinalities": user_cardinalities, "item_cardinalities": item_cardinalities,
                             "n_items": int(n_items), "dim": dim, "field_dim": field_dim,
                             "hidden": [int(h) for h in hidden], "dropout": dropout, "temperature": temperature,
-                            "history_decay": history_decay, "item_bias": bool(item_bias)}
+                            "history_decay": history_decay}
         self.n_items, self.dim, self.temperature, self.history_decay = int(n_items), dim, temperature, history_decay
         self.user_embedding = FieldEmbedding(user_cardinalities, field_dim)
         self.item_embedding = FieldEmbedding(item_cardinalities, field_dim)
@@ -90,9 +83,6 @@ class TwoTower(nn.Module):
             self.history.weight[0].zero_()
         self.user_tower = mlp((len(user_cardinalities) + 1) * field_dim, hidden, dropout, out=dim)
         self.item_tower = mlp(len(item_cardinalities) * field_dim, hidden, dropout, out=dim)
-        self.item_bias = FieldEmbedding(item_cardinalities, 1) if item_bias else None  # w_f(y_f), one per value
-        if self.item_bias is not None:
-            nn.init.zeros_(self.item_bias.table.weight)
 
     def pooled_history(self, history: Tensor) -> Tensor:
         """history [B, L] (left-padded, most recent last) -> h_u [B, field_dim]: the decay-weighted mean of
@@ -115,28 +105,6 @@ class TwoTower(nn.Module):
         """item_fields [N, Fi] -> v [N, dim], unit length."""
         return F.normalize(self.item_tower(self.item_embedding(item_fields)), dim=-1)
 
-    def item_biases(self, item_fields: Tensor) -> Tensor:
-        """item_fields [N, Fi] -> b [N]: the sum of the item's field biases (0 without ``item_bias``)."""
-        if self.item_bias is None:
-            return item_fields.new_zeros(item_fields.shape[0], dtype=torch.float32)
-        return self.item_bias(item_fields).sum(-1)  # [N, Fi * 1] -> [N]
-
     def forward(self, user_fields: Tensor, history: Tensor, item_fields: Tensor) -> Tensor:
-        """Logits of every (user row, item row) pair: [B, Fu], [B, L], [N, Fi] -> cos / temperature (+ b_i)
-        [B, N]."""
-        cosines = self.user_vectors(user_fields, history) @ self.item_vectors(item_fields).T  # [B, N]
-        return cosines / self.temperature + self.item_biases(item_fields)
-
-    def user_export(self, user_fields: Tensor, history: Tensor) -> Tensor:
-        """The user's vector as serving exports it: [B, d] = u, or with ``item_bias`` [B, d + 1] = [u, 1]. Its
-        dot product with :meth:`item_export` is temperature x the logit (the cosine, without the bias)."""
-        u = self.user_vectors(user_fields, history)  # [B, d]
-        return u if self.item_bias is None else torch.cat([u, u.new_ones(u.shape[0], 1)], dim=-1)
-
-    def item_export(self, item_fields: Tensor) -> Tensor:
-        """The item's vector as serving exports it: [N, d] = v, or with ``item_bias`` [N, d + 1] =
-        [v, temperature b]."""
-        v = self.item_vectors(item_fields)  # [N, d]
-        if self.item_bias is None:
-            return v
-        return torch.cat([v, self.temperature * self.item_biases(item_fields).unsqueeze(-1)], dim=-1)
+        """Logits of every (user row, item row) pair: [B, Fu], [B, L], [N, Fi] -> cos / temperature [B, N]."""
+        return self.user_vectors(user_fields, history) @ self.item_vectors(item_fields).T / self.temperature
