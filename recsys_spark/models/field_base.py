@@ -104,6 +104,20 @@ class FeatureTask(SampledTask):
         state["_item_tables"] = {}
         return state
 
+    def coin(self, shape: tuple[int, ...], rate: float, device: torch.device) -> Tensor:
+        """A bool tensor of ``shape``, True at ``rate`` independently, from the task's generator on
+        ``device``: which rows (or users, or items) id dropout makes cold in this batch."""
+        return torch.rand(shape, generator=self.generator(device), device=device) < rate
+
+    @staticmethod
+    def blank_(rows: Tensor, positions: list[int], cold: Tensor) -> Tensor:
+        """``rows`` [..., F] with its fields at ``positions`` set to 0, unknown, where ``cold`` holds
+        (broadcast against ``rows[..., positions]``), in place: what a cold user or item reads. Returns
+        ``rows``."""
+        fields = rows[..., positions]
+        rows[..., positions] = torch.where(cold, torch.zeros_like(fields), fields)
+        return rows
+
     def items_on(self, device: torch.device) -> Tensor:
         """The item blocks of all items on ``device`` [n_items, Fi] (moved once per device)."""
         device = torch.device(device)
@@ -141,15 +155,10 @@ class FieldTask(FeatureTask):
         p = self.params.id_dropout
         if p <= 0:
             return rows
-        g = self.generator(rows.device)
-        rows = rows.clone()
-        cold_user = torch.rand(rows.shape[0], 1, 1, generator=g, device=rows.device) < p  # [B, 1, 1]
-        users = rows[..., self.cold_user_positions]  # [B, 1 + n, Pu]
-        rows[..., self.cold_user_positions] = torch.where(cold_user, torch.zeros_like(users), users)
-        cold_item = torch.rand(rows.shape[:2] + (1,), generator=g, device=rows.device) < p  # [B, 1 + n, 1]
-        items = rows[..., self.item_id_positions]  # [B, 1 + n, Pi]
-        rows[..., self.item_id_positions] = torch.where(cold_item, torch.zeros_like(items), items)
-        return rows
+        cold_user = self.coin((rows.shape[0], 1, 1), p, rows.device)  # [B, 1, 1]: the group's rows alike
+        rows = self.blank_(rows.clone(), self.cold_user_positions, cold_user)
+        cold_item = self.coin(rows.shape[:2] + (1,), p, rows.device)  # [B, 1 + n, 1]: each row's item
+        return self.blank_(rows, self.item_id_positions, cold_item)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         fields = batch[tb.FIELDS].long()  # [B, F]

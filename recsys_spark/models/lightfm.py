@@ -127,12 +127,8 @@ class LightFMTask(FeatureTask):
         reads at serving, so the side features learn to stand alone (DropoutNet, Volkovs et al. 2017)."""
         if self.params.id_dropout <= 0:
             return users
-        cold = torch.rand(users.shape[0], 1, generator=self.generator(users.device),
-                          device=users.device) < self.params.id_dropout  # [B, 1]
-        users = users.clone()
-        at = self.cold_user_positions
-        users[:, at] = torch.where(cold, torch.zeros_like(users[:, at]), users[:, at])
-        return users
+        cold = self.coin((users.shape[0], 1), self.params.id_dropout, users.device)  # [B, 1]
+        return self.blank_(users.clone(), self.cold_user_positions, cold)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         p = self.params

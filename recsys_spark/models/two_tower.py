@@ -154,17 +154,11 @@ class TwoTowerTask(FeatureTask):
         p = self.params.id_dropout
         if p <= 0:
             return user_fields, history, item_rows
-        g = self.generator(user_fields.device)
-        cold_user = torch.rand(user_fields.shape[0], 1, generator=g, device=user_fields.device) < p  # [B, 1]
-        user_fields = user_fields.clone()
-        at = self.cold_user_positions
-        user_fields[:, at] = torch.where(cold_user, torch.zeros_like(user_fields[:, at]), user_fields[:, at])
+        cold_user = self.coin((user_fields.shape[0], 1), p, user_fields.device)  # [B, 1]
+        user_fields = self.blank_(user_fields.clone(), self.cold_user_positions, cold_user)
         history = torch.where(cold_user, torch.full_like(history, tb.PAD_IDX), history)  # [B, L]
-        cold_item = torch.rand(item_rows.shape[0], 1, generator=g, device=item_rows.device) < p  # [C, 1]
-        item_rows = item_rows.clone()
-        at = self.item_id_positions
-        item_rows[:, at] = torch.where(cold_item, torch.zeros_like(item_rows[:, at]), item_rows[:, at])
-        return user_fields, history, item_rows
+        cold_item = self.coin((item_rows.shape[0], 1), p, item_rows.device)  # [C, 1]
+        return user_fields, history, self.blank_(item_rows.clone(), self.item_id_positions, cold_item)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         user_fields = batch[tb.FIELDS].long()  # [B, Fu]
