@@ -41,7 +41,7 @@ RECS_SCHEMA = T.StructType(
 MAX_BROADCAST_BYTES = 2 << 30
 # One block's score matrix (users x items, float32) stays under this many cells (128 MB).
 MAX_BLOCK_CELLS = 32 << 20
-# Columns per run whose maximum bounds a row's k-th best score (``_kth_best_lower_bound``).
+# Columns per run whose maximum bounds a row's k-th best score (``_candidates``).
 BOUND_RUN = 64
 
 _SEEN = "_seen"
@@ -77,21 +77,34 @@ def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return pos[ids[pos] == wanted]
 
 
-def _kth_best_lower_bound(scores: np.ndarray, kk: int) -> np.ndarray:
-    """Per row, a value at most its ``kk``-th best score, cheap to find: the ``kk``-th best of the maxima of
-    disjoint runs of ``BOUND_RUN`` columns (``kk`` runs hold an item at least that high). Few items beat
-    it, so only those are sorted, where a full ``np.partition`` of the (users, items) block was the most
-    expensive step of top-N. A catalogue with fewer than ``kk`` runs gets the exact ``kk``-th best."""
+def _candidates(scores: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the entries that may be among their row's ``kk`` best: those at least a lower
+    bound of the row's ``kk``-th best score, found cheaply.
+
+    The bound is the ``kk``-th best of the maxima of disjoint runs of ``BOUND_RUN`` columns (``kk`` runs
+    hold an item at least that high). Only runs whose maximum reaches the bound can hold a candidate, so
+    only those runs (about ``kk`` per row) and the columns after the last whole run are compared with it:
+    a full ``np.partition`` of the (users, items) block, and later an ``np.nonzero`` over all of it, were
+    each the most expensive step of top-N. A catalogue with fewer than ``kk`` runs gets the exact
+    ``kk``-th best as its bound."""
     n_rows, n_cols = scores.shape
     runs = n_cols // BOUND_RUN
     if runs < kk:
-        return np.partition(scores, n_cols - kk, axis=1)[:, n_cols - kk]
+        bound = np.partition(scores, n_cols - kk, axis=1)[:, n_cols - kk]
+        return np.nonzero(scores >= bound[:, None])
+    whole = runs * BOUND_RUN
+    maxima = np.maximum.reduceat(scores[:, :whole], np.arange(0, whole, BOUND_RUN), axis=1)  # (rows, runs)
+    bound = np.partition(maxima, runs - kk, axis=1)[:, runs - kk]  # (rows,)
+    run_rows, run_ids = np.nonzero(maxima >= bound[:, None])
     s_row, s_col = scores.strides
-    # A (rows, runs, BOUND_RUN) view of the first runs * BOUND_RUN columns: no copy; the tail is left out.
+    # A (rows, runs, BOUND_RUN) view of the whole runs: no copy; the reached runs are gathered from it.
     grouped = np.lib.stride_tricks.as_strided(scores, (n_rows, runs, BOUND_RUN), (s_row, BOUND_RUN * s_col, s_col),
                                               writeable=False)
-    maxima = grouped.max(axis=2)  # (rows, runs)
-    return np.partition(maxima, runs - kk, axis=1)[:, runs - kk]
+    hit, offset = np.nonzero(grouped[run_rows, run_ids] >= bound[run_rows, None])
+    tail_rows, tail_cols = np.nonzero(scores[:, whole:] >= bound[:, None])
+    rows = np.concatenate([run_rows[hit], tail_rows])
+    cols = np.concatenate([run_ids[hit] * BOUND_RUN + offset, tail_cols + whole])
+    return rows, cols
 
 
 def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | None, item_ids: np.ndarray,
@@ -118,8 +131,7 @@ def top_k_of_scores(user_ids: np.ndarray, scores: np.ndarray, seen: Sequence | N
             known = item_ids[pos] == flat
             scores[rows[known], pos[known]] = -np.inf
     # Only the items scoring at least a lower bound of each row's k-th best score are sorted.
-    bound = _kth_best_lower_bound(scores, min(k, n_items))
-    rows, cols = np.nonzero(scores >= bound[:, None])
+    rows, cols = _candidates(scores, min(k, n_items))
     values = scores[rows, cols]
     finite = np.isfinite(values)
     rows, cols, values = rows[finite], cols[finite], values[finite]
