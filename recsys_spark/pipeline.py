@@ -82,7 +82,11 @@ def run_interactions(spark: SparkSession, config: PipelineConfig) -> dict[str, i
             .join(order, tb.ITEM_IDX)
             .persist()
         )
-        table = interactions.aggregate(indexed, tb.USER_IDX, tb.ITEM_IDX).join(order, tb.ITEM_IDX)
+        # The filtered pairs are already the table, by ids: the k-core drops a pair only with its user or
+        # item, so the events of its users and items aggregate to the same rows (one join, no new shuffle
+        # of the events).
+        table = (pairs.join(users, tb.USER_ID).join(items, tb.ITEM_ID).join(order, tb.ITEM_IDX)
+                 .select(tb.ITEM_IDX, tb.USER_IDX, tb.WEIGHT, tb.N_EVENTS, tb.FIRST_TS, tb.LAST_TS, tb.ITEM_ORDER))
         written = {tb.INTERACTIONS: tb.overwrite(table, wh, tb.INTERACTIONS)}
         table = tb.read(spark, wh, tb.INTERACTIONS)
         temporal = splits.temporal(indexed, ic.test_fraction)

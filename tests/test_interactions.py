@@ -131,6 +131,9 @@ def test_sessions_cut_by_inactivity_gap_and_source_session(spark):
     for r in sorted(rows, key=lambda r: (r.session_id, r.position)):
         by_session.setdefault(r.session_id, []).append(r.item_idx)
     assert sorted(by_session.values()) == [[1], [1, 2], [2], [3]]
+    positions = {s: sorted(r.position for r in rows if r.session_id == s) for s in by_session}
+    assert all(p == list(range(len(by_session[s]))) for s, p in positions.items())  # 0-based, in time order
+    assert {r.session_id for r in rows if r.user_idx == 0} == {"0-1", "0-2"}
 
 
 def test_ties_at_the_last_timestamp_follow_the_numeric_ids(spark, tmp_path, warehouse):

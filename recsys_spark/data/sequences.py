@@ -84,6 +84,7 @@ def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
     """
     key = F.coalesce(F.col(tb.SESSION_ID), F.lit(""))
     by_user = Window.partitionBy(tb.USER_IDX).orderBy(tb.EVENT_TIME, tb.item_tie(indexed_events))
+    so_far = by_user.rowsBetween(Window.unboundedPreceding, 0)
     previous_time = F.lag(tb.EVENT_TIME).over(by_user)
     previous_key = F.lag(key).over(by_user)
     starts = (
@@ -91,15 +92,19 @@ def sessions(indexed_events: DataFrame, gap_minutes: float) -> DataFrame:
         | ((F.unix_timestamp(tb.EVENT_TIME) - F.unix_timestamp(previous_time)) > gap_minutes * 60)
         | (key != previous_key)
     )
+    # One sort per user serves all: a session is a run of the user's time order, so an event's position
+    # is its row number among the user's events less the row number where its session starts.
+    row = F.row_number().over(by_user)
     numbered = (
         indexed_events.withColumn("_start", starts.cast("int"))
-        .withColumn("_n", F.sum("_start").over(by_user.rowsBetween(Window.unboundedPreceding, 0)))
-        .withColumn(tb.SESSION_ID, F.concat_ws("-", F.col(tb.USER_IDX).cast("string"), F.col("_n")))
+        .withColumn("_row", row)
+        .withColumn("_n", F.sum("_start").over(so_far))
+        .withColumn("_first", F.max(F.when(F.col("_start") == 1, F.col("_row"))).over(so_far))
     )
-    in_session = Window.partitionBy(tb.SESSION_ID).orderBy(tb.EVENT_TIME, tb.item_tie(indexed_events))
     return numbered.select(
-        tb.SESSION_ID, tb.USER_IDX, tb.ITEM_IDX, tb.EVENT_TIME,
-        (F.row_number().over(in_session) - 1).alias("position"),
+        F.concat_ws("-", F.col(tb.USER_IDX).cast("string"), F.col("_n")).alias(tb.SESSION_ID),
+        tb.USER_IDX, tb.ITEM_IDX, tb.EVENT_TIME,
+        (F.col("_row") - F.col("_first")).alias("position"),
     )
 
 
