@@ -53,6 +53,11 @@ SIZES = {  # name: (users, items, interactions drawn; duplicates of a (user, ite
 }
 
 
+# MLlib asked for k + the most seen items returns that many rows for every user: at 50k users x 279 items
+# it peaked at 6.6 GiB in the JVM; past this many rows the step is skipped (and says so in the JSON).
+MAX_K_PLUS_SEEN_ROWS = 50_000_000
+
+
 class PeakMemory:
     """Samples the peak resident set of this process, its JVM child and the JVM's Python workers."""
 
@@ -183,8 +188,14 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
                    lambda: materialise(model.model.recommendForAllUsers(k)), warm=True)
     best = min(block_sizes, key=lambda s: steps[f"mllib_recommend_for_all_users_b{s}"]["seconds"])
     model.model.setBlockSize(best)
-    timed_step(steps, "mllib_recommend_for_all_users_k_plus_seen",
-               lambda: materialise(model.model.recommendForAllUsers(k + most_seen)), warm=True)
+    asked = n_users * (k + most_seen)
+    if asked <= MAX_K_PLUS_SEEN_ROWS:
+        timed_step(steps, "mllib_recommend_for_all_users_k_plus_seen",
+                   lambda: materialise(model.model.recommendForAllUsers(k + most_seen)), warm=True)
+    else:
+        steps["mllib_recommend_for_all_users_k_plus_seen"] = {
+            "skipped": f"{n_users:,} users x {k + most_seen:,} items = {asked:,} rows, over {MAX_K_PLUS_SEEN_ROWS:,}"}
+        print(f"  {'mllib_recommend_for_all_users_k_plus_seen':42} skipped: {asked:,} rows", flush=True)
 
     # implicit, in this process, on the same table.
     from implicit.cpu.als import AlternatingLeastSquares
@@ -206,7 +217,7 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
         timed_step(steps, "implicit_topn_seen_filtered", lambda: peer.recommend(
             active, user_items[active], N=k, filter_already_liked_items=True), warm=True)
     spark.stop()
-    seconds = {key: value["seconds"] for key, value in steps.items()}
+    seconds = {key: value["seconds"] for key, value in steps.items() if "seconds" in value}
     mllib_best = seconds[f"mllib_recommend_for_all_users_b{best}"]
     return {
         "size": name, "users": n_users, "items": n_items, "interactions": rows, "rank": rank,
@@ -227,21 +238,30 @@ def machine() -> dict:
             "driver_memory": os.environ.get("RECSYS_SPARK_DRIVER_MEMORY", "6g (default)")}
 
 
+MLLIB_BEST = "mllib_recommend_for_all_users (k, best blockSize)"
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["interactions"] for r in results]
+    def seconds(result: dict, key: str) -> float | None:
+        if key == MLLIB_BEST:
+            key = f"mllib_recommend_for_all_users_b{result['mllib_best_block_size']}"
+        return result["steps"].get(key, {}).get("seconds")  # None: skipped at that size
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, title, keys in (
         (axes[0], "ALS fit", ["ours_als_fit", "implicit_als_fit_cg", "implicit_als_fit_cholesky"]),
-        (axes[1], "top-N, all users", ["ours_topn_seen_filtered", "mllib_recommend_for_all_users_k_plus_seen",
-                                       "implicit_topn_seen_filtered"]),
+        (axes[1], "top-N, all users", ["ours_topn_seen_filtered", MLLIB_BEST,
+                                       "mllib_recommend_for_all_users_k_plus_seen", "implicit_topn_seen_filtered"]),
     ):
         for key in keys:
-            ax.plot(x, [r["steps"][key]["seconds"] for r in results], marker="o", label=key)
+            points = [(r["interactions"], seconds(r, key)) for r in results]
+            points = [(x, y) for x, y in points if y is not None]
+            ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.set(xscale="log", yscale="log", xlabel="interactions", ylabel="seconds", title=title)
         ax.legend(fontsize=7)
     fig.tight_layout()
