@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -44,7 +46,7 @@ MAX_BLOCK_CELLS = 32 << 20
 # Columns per run whose maximum bounds a row's k-th best score (``_candidates``).
 BOUND_RUN = 64
 
-_SEEN = "_seen"
+_SEEN_ITEM = "_seen_item"
 
 
 def collect_factors(factors: DataFrame, id_col: str) -> tuple[np.ndarray, np.ndarray]:
@@ -216,23 +218,48 @@ def top_k_from_scores(users: DataFrame, score_block, item_ids: np.ndarray, k: in
     require_columns(users, [tb.USER_IDX], "users")
     excluded = positions(item_ids, np.asarray(list(exclude_items), dtype=np.int64))
     block = max(1, min(users_per_block, MAX_BLOCK_CELLS // max(1, item_ids.size)))
-    if seen is not None:
-        require_columns(seen, [tb.USER_IDX, tb.ITEM_IDX], "seen items")
-        seen_lists = seen.groupBy(tb.USER_IDX).agg(F.collect_list(tb.ITEM_IDX).alias(_SEEN))
-        users = users.join(seen_lists, tb.USER_IDX, "left")
+    with_seen = seen is not None  # the closure below must not hold the DataFrame
+    if not with_seen:
+        rows = users
     else:
-        users = users.withColumn(_SEEN, F.lit(None).cast(T.ArrayType(T.IntegerType())))
+        # The seen pairs travel beside their users in one shuffle, and each task groups them with numpy:
+        # no per-user list is built in the JVM (a collect_list by user and a join cost two more shuffles).
+        require_columns(seen, [tb.USER_IDX, tb.ITEM_IDX], "seen items")
+        pairs = seen.select(tb.USER_IDX, F.col(tb.ITEM_IDX).cast("int").alias(_SEEN_ITEM))
+        rows = (users.withColumn(_SEEN_ITEM, F.lit(None).cast("int"))
+                .unionByName(pairs, allowMissingColumns=True).repartition(tb.USER_IDX))
 
-    def score_blocks(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for batch in batches:
-            for start in range(0, len(batch), block):
-                part = batch.iloc[start:start + block]
-                out = top_k_of_scores(part[tb.USER_IDX].to_numpy(), score_block(part), part[_SEEN].to_numpy(),
-                                      item_ids, k, excluded)
-                if len(out):
-                    yield out
+    def score_blocks(queries: pd.DataFrame, seen_users: np.ndarray, seen_items: np.ndarray):
+        """Top-k of ``queries`` block by block; ``seen_items`` sorted by ``seen_users``."""
+        for start in range(0, len(queries), block):
+            part = queries.iloc[start:start + block]
+            user_ids = part[tb.USER_IDX].to_numpy()
+            first = np.searchsorted(seen_users, user_ids, "left")
+            last = np.searchsorted(seen_users, user_ids, "right")
+            seen_of = [seen_items[a:b] for a, b in zip(first, last, strict=True)]
+            out = top_k_of_scores(user_ids, score_block(part), seen_of, item_ids, k, excluded)
+            if len(out):
+                yield pa.RecordBatch.from_pandas(out, preserve_index=False)
 
-    return users.mapInPandas(score_blocks, RECS_SCHEMA)
+    def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        none = np.zeros(0, dtype=np.int32)
+        if not with_seen:  # users only: stream the batches
+            for batch in batches:
+                yield from score_blocks(batch.to_pandas(), none, none)
+            return
+        # A user's seen pairs may arrive in any batch of the partition: the partition is read whole
+        # (its users' factors and seen pairs, about what Spark holds for the task anyway).
+        table = pa.Table.from_batches(list(batches))
+        if table.num_rows == 0:
+            return
+        is_pair = pc.is_valid(table[_SEEN_ITEM])
+        pairs = table.filter(is_pair)
+        seen_users = pairs[tb.USER_IDX].to_numpy()
+        order = np.argsort(seen_users, kind="stable")
+        queries = table.filter(pc.invert(is_pair)).drop_columns([_SEEN_ITEM]).to_pandas()
+        yield from score_blocks(queries, seen_users[order], pairs[_SEEN_ITEM].to_numpy()[order])
+
+    return rows.mapInArrow(score_partition, RECS_SCHEMA)
 
 
 def matrix_frame(spark: SparkSession, matrix: np.ndarray, idx_col: str) -> DataFrame:
