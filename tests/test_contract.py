@@ -27,6 +27,7 @@ TINY = {
     "popularity": {},
     "itemknn": {"neighbours": 20},
     "als": {"rank": 4, "max_iter": 5, "reg_param": 0.01, "num_blocks": 2, "seed": 1},
+    "als_cg": {"rank": 4, "max_iter": 5, "reg_param": 0.1, "num_blocks": 2, "seed": 1},
     "svd": {"rank": 4, "power_iters": 3},
     "ease": {"reg": 10.0},
     "ncf": {**TORCH, "net": {"mf_dim": 4, "mlp_layers": [8, 4]}},

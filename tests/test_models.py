@@ -15,7 +15,7 @@ from recsys_spark.config import PipelineConfig
 from recsys_spark.data.matrix import bm25_weight, tfidf_weight
 from recsys_spark.errors import ConfigError, RecsysError
 from recsys_spark.models import registry
-from recsys_spark.models.als import ALSParams, ALSRecommender
+from recsys_spark.models.als import ALSCGParams, ALSCGRecommender, ALSParams, ALSRecommender
 from recsys_spark.models.ease import EASEParams, EASERecommender
 from recsys_spark.models.itemknn import ItemKNNParams, ItemKNNRecommender
 from recsys_spark.models.popularity import PopularityParams, PopularityRecommender
@@ -383,11 +383,14 @@ def test_als_beats_popularity_on_movielens(movielens):
     users = train.select(tb.USER_IDX).distinct()
     ndcg = {}
     # A smaller ALS than the tuned default keeps the test near 20 s; it still clears popularity by ~1.7x.
-    for model in (PopularityRecommender(), ALSRecommender(ALSParams(rank=32, max_iter=8))):
+    # als_cg, the same model solved by conjugate gradients, must clear it as well.
+    for model in (PopularityRecommender(), ALSRecommender(ALSParams(rank=32, max_iter=8)),
+                  ALSCGRecommender(ALSCGParams(rank=32, max_iter=8))):
         recs = model.fit(train).recommend(users, 10, seen=train)
         metrics = evaluate(recs, test, train, [10], n_items=1682).toPandas()
         ndcg[model.name] = metrics[metrics[tb.METRIC] == "ndcg"][tb.VALUE].item()
     assert ndcg["als"] > 1.5 * ndcg["popularity"], ndcg
+    assert ndcg["als_cg"] > 1.5 * ndcg["popularity"], ndcg
 
 
 @pytest.mark.shared_data

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
-from recsys_spark.scoring import collect_factors, top_k_from_factors
+from recsys_spark.scoring import MAX_BROADCAST_BYTES, collect_factors, top_k_from_factors
 from recsys_spark.tables import EMBEDDING, require_columns
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class ALSRecommender(Recommender):
 
     name = "als"
     params_class = ALSParams
+    # MLlib's ALS-WR: a row's penalty is reg_param times its positive interactions (fold_in solves the same).
+    regularisation_per_interaction = True
 
     def __init__(self, params: ALSParams | None = None) -> None:
         super().__init__(params)
@@ -192,7 +195,9 @@ class ALSRecommender(Recommender):
         y = item_matrix.astype(np.float64)
         yty = y.T @ y  # (rank, rank), once for every user
         shared = interactions.sparkSession.sparkContext.broadcast((item_ids, y, yty))
-        alpha, reg, nonnegative = float(p.alpha), float(p.reg_param), bool(p.nonnegative)
+        alpha, reg = float(p.alpha), float(p.reg_param)
+        per_interaction = self.regularisation_per_interaction
+        nonnegative = bool(getattr(p, "nonnegative", False))  # MLlib's option; the CG solver has none
 
         def solve_users(batches):
             ids, y, yty = shared.value
@@ -208,7 +213,8 @@ class ALSRecommender(Recommender):
                     if n_positive == 0:
                         continue
                     c1 = alpha * np.abs(r)  # (n_u,)
-                    a = yty + (y_u * c1[:, None]).T @ y_u + reg * n_positive * np.eye(len(yty))  # (rank, rank)
+                    ridge = reg * n_positive if per_interaction else reg
+                    a = yty + (y_u * c1[:, None]).T @ y_u + ridge * np.eye(len(yty))  # (rank, rank)
                     b = y_u.T @ np.where(r > 0, 1.0 + c1, 0.0)  # (rank,)
                     users.append(user)
                     vectors.append(_solve_normal_equation(a, b, nonnegative).astype(np.float32))
@@ -238,4 +244,181 @@ class ALSRecommender(Recommender):
         meta = read_json(path)
         model = cls(ALSParams.model_validate(meta["params"]))
         model._model = ALSModel.load(os.path.join(path, SPARK_MODEL_DIR))
+        return model
+
+
+# The CG solver's state on disk, beside model.json.
+ITEM_FACTORS_FILE, ITEMS_FILE, USER_FACTORS_DIR = "item_factors.npy", "item_ids.npy", "user_factors"
+_CONFIDENCE = "_confidence"
+_SOLVED_SCHEMA = "ids binary, factors binary"  # one row per task: its ids (int32) and factors (float32), raw
+
+
+class ALSCGParams(Section):
+    """Hyper-parameters of ``als_cg``; the defaults are tuned on MovieLens 100K (conf/models/als_cg.yaml)."""
+
+    rank: int = Field(128, gt=0, description="number of latent factors")
+    max_iter: int = Field(10, gt=0)
+    reg_param: float = Field(1.0, ge=0, description="L2 penalty of every factor (Hu et al.'s lambda, not scaled "
+                             "by the row's interactions as MLlib's is)")
+    alpha: float = Field(0.3, ge=0, description="confidence = 1 + alpha * weight")
+    cg_steps: int = Field(3, gt=0, description="conjugate-gradient steps per solve, warm-started from the "
+                          "previous iteration's factor")
+    seed: int = 42
+    num_blocks: int | None = Field(None, gt=0, description="partitions of each side; none = defaultParallelism")
+
+
+def confidences(train: DataFrame, alpha: float) -> DataFrame:
+    """(user_idx, item_idx, _confidence) in ``implicit``'s signed encoding of Hu et al.'s c and p:
+    ``+(1 + alpha |w|)`` for a preference (w > 0), ``-(1 + alpha |w|)`` for a known dislike (w < 0, p = 0).
+    A zero weight is dropped: c = 1, p = 0 is what every unobserved pair already has (MLlib agrees)."""
+    c = F.lit(1.0) + F.lit(alpha) * F.abs(F.col(tb.WEIGHT))
+    return train.filter(F.col(tb.WEIGHT) != 0).select(
+        F.col(tb.USER_IDX).cast("int"), F.col(tb.ITEM_IDX).cast("int"),
+        F.when(F.col(tb.WEIGHT) > 0, c).otherwise(-c).cast("float").alias(_CONFIDENCE),
+    )
+
+
+def cg_half_step(ratings: DataFrame, solve_col: str, other_col: str, previous: np.ndarray, fixed: np.ndarray,
+                 reg: float, cg_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """One half-iteration of implicit ALS on the executors: a new factor for every ``solve_col`` id of
+    ``ratings`` (partitioned by it, sorted by it within partitions) with the other side's factors
+    ``fixed`` held.
+
+    For row u with confidences c_ui over the ``other_col`` ids i (the fixed side Y = ``fixed``)::
+
+        A_u = Y^T Y + sum_i (c_ui - 1) y_i y_i^T + reg * I      (rank, rank)
+        b_u = sum_{i: p_ui = 1} c_ui y_i                         (rank,)
+        x_u ~ A_u^-1 b_u:  ``cg_steps`` conjugate-gradient steps from ``previous[u]``
+
+    the kernel of ``implicit`` (``least_squares_cg``, Takacs et al. 2011), run on each task's rows with
+    one thread; ``Y^T Y`` is computed there from the broadcast ``fixed``. ``previous`` and ``fixed`` are
+    dense by id (row r is id r). Returns the new dense matrix (ids absent from ``ratings`` all zero) and
+    the ids solved, sorted.
+    """
+    shared = ratings.sparkSession.sparkContext.broadcast((previous, fixed))
+
+    def solve(batches):
+        import pyarrow as pa
+        from implicit.cpu._als import least_squares_cg  # pinned in setup.cfg: a private module of implicit 0.7
+        from scipy.sparse import csr_matrix
+
+        rows = pa.Table.from_batches(list(batches))
+        if rows.num_rows == 0:
+            return
+        previous, fixed = shared.value
+        solving = rows.column(solve_col).to_numpy()  # sorted within the partition
+        starts = np.flatnonzero(np.r_[True, solving[1:] != solving[:-1]])  # first row of each id
+        ids = solving[starts]
+        # Copies: Arrow's buffers are read-only, implicit's kernel takes writable views.
+        cui = csr_matrix((np.array(rows.column(_CONFIDENCE).to_numpy()), np.array(rows.column(other_col).to_numpy()),
+                          np.r_[starts, solving.size]), shape=(ids.size, fixed.shape[0]))  # (ids here, other side)
+        x = np.ascontiguousarray(previous[ids])  # (ids here, rank), solved in place
+        least_squares_cg(cui, x, fixed, reg, num_threads=1, cg_steps=cg_steps)
+        yield pa.RecordBatch.from_pydict({"ids": [ids.astype(np.int32).tobytes()], "factors": [x.tobytes()]})
+
+    solved, ids = np.zeros_like(previous), []
+    for part in ratings.mapInArrow(solve, _SOLVED_SCHEMA).collect():  # one row per task, not per id
+        ids.append(np.frombuffer(part["ids"], np.int32))
+        solved[ids[-1]] = np.frombuffer(part["factors"], np.float32).reshape(-1, previous.shape[1])
+    shared.unpersist()
+    return solved, np.sort(np.concatenate(ids))
+
+
+class ALSCGRecommender(ALSRecommender):
+    """Implicit ALS (Hu, Koren & Volinsky 2008) solved by conjugate gradients on the executors: the same
+    model as ``als``, with ``implicit``'s solver in place of MLlib's exact one.
+
+    Why: at rank 64 MLlib's exact Cholesky solve of every row's normal equations is most of its fit, and
+    a few conjugate-gradient steps warm-started from the last iteration's factor reach the same quality
+    (Takacs et al. 2011; ``implicit``'s default). Here each half-iteration broadcasts both factor
+    matrices, solves each task's rows with ``implicit``'s kernel and collects the new factors, one row per
+    task; so the driver holds users x rank floats (refused above ``MAX_BROADCAST_BYTES``, where ``als``
+    has no such limit). Two differences from ``als``: ``reg_param`` is Hu et al.'s lambda, the same for
+    every row, where MLlib scales it by the row's interactions; and there is no non-negative option.
+    Top-N, fold-in and the factor tables are ``als``'s (fold-in solves the same regularised equation).
+
+    Examples
+    --------
+    >>> model = ALSCGRecommender(ALSCGParams(rank=64)).fit(train)  # doctest: +SKIP
+    """
+
+    name = "als_cg"
+    params_class = ALSCGParams
+    regularisation_per_interaction = False
+
+    def __init__(self, params: ALSCGParams | None = None) -> None:
+        super().__init__(params)
+        self._item_ids: np.ndarray | None = None  # (items,) int32, sorted
+        self._items: np.ndarray | None = None  # (items, rank) float32, rows follow _item_ids
+        self._users: DataFrame | None = None  # (user_idx, embedding)
+
+    def _fit(self, train: DataFrame) -> None:
+        p = self.params
+        spark = train.sparkSession
+        blocks = self.num_blocks(spark)
+        ratings = confidences(train, p.alpha)
+        # Each side cached once, sorted by the id it solves, then the other: a task's rows are its ids' CSR
+        # rows as read, in the order implicit sums them (float32 sums depend on it).
+        by_user = ratings.repartition(blocks, tb.USER_IDX).sortWithinPartitions(tb.USER_IDX, tb.ITEM_IDX).persist()
+        by_item = ratings.repartition(blocks, tb.ITEM_IDX).sortWithinPartitions(tb.ITEM_IDX, tb.USER_IDX).persist()
+        try:
+            n_users, n_items, n_rows = by_user.agg(
+                F.max(tb.USER_IDX) + 1, F.max(tb.ITEM_IDX) + 1, F.count(F.lit(1))).first()
+            if not n_rows:
+                raise RecsysError("als_cg: no training rows with a non-zero weight")
+            size = max(n_users, n_items) * p.rank * 4
+            if size > MAX_BROADCAST_BYTES:
+                raise RecsysError(f"als_cg: {max(n_users, n_items)} x {p.rank} factors ({size / 2**20:.0f} MB) are "
+                                  f"too large to broadcast (limit {MAX_BROADCAST_BYTES / 2**20:.0f} MB): use als")
+            # implicit's initialisation (uniform in [0, 0.01), users then items), so that a fit from the
+            # same seed follows implicit's own fit step for step.
+            rng = np.random.default_rng(p.seed)
+            x = rng.random((n_users, p.rank), dtype=np.float32) * 0.01  # (users, rank), dense by user_idx
+            y = rng.random((n_items, p.rank), dtype=np.float32) * 0.01  # (items, rank), dense by item_idx
+            log.info("fitting ALS (CG, %d steps) rank=%d iterations=%d reg=%g alpha=%g: %d rows on %d blocks",
+                     p.cg_steps, p.rank, p.max_iter, p.reg_param, p.alpha, n_rows, blocks)
+            for iteration in range(p.max_iter):
+                started = time.perf_counter()
+                x, user_ids = cg_half_step(by_user, tb.USER_IDX, tb.ITEM_IDX, x, y, p.reg_param, p.cg_steps)
+                y, item_ids = cg_half_step(by_item, tb.ITEM_IDX, tb.USER_IDX, y, x, p.reg_param, p.cg_steps)
+                log.info("ALS (CG) iteration %d/%d in %.1f s", iteration + 1, p.max_iter,
+                         time.perf_counter() - started)
+        finally:
+            by_user.unpersist()
+            by_item.unpersist()
+        users = spark.createDataFrame(pd.DataFrame({tb.USER_IDX: user_ids, EMBEDDING: list(x[user_ids])}),
+                                      _FACTORS_SCHEMA)
+        self._set_state(item_ids, np.ascontiguousarray(y[item_ids]), users)
+
+    def _set_state(self, item_ids: np.ndarray, items: np.ndarray, users: DataFrame) -> None:
+        self._item_ids, self._items, self._users = item_ids, items, users.persist()
+
+    def _fitted(self) -> None:
+        if self._items is None:
+            raise RecsysError("the als_cg model is not fitted: call fit() or load() first")
+
+    def learnt_user_factors(self) -> DataFrame:
+        self._fitted()
+        return self._users
+
+    def item_factors(self) -> DataFrame:
+        self._fitted()
+        return self._users.sparkSession.createDataFrame(
+            pd.DataFrame({tb.ITEM_IDX: self._item_ids, EMBEDDING: list(self._items)}),
+            f"{tb.ITEM_IDX} int, {EMBEDDING} array<float>")
+
+    def _save_state(self, path: str) -> dict:
+        self._fitted()
+        np.save(os.path.join(path, ITEM_FACTORS_FILE), self._items, allow_pickle=False)
+        np.save(os.path.join(path, ITEMS_FILE), self._item_ids, allow_pickle=False)
+        self._users.write.mode("overwrite").parquet(os.path.join(path, USER_FACTORS_DIR))
+        return {"params": self.params.model_dump()}
+
+    @classmethod
+    def load(cls, spark, path: str) -> ALSCGRecommender:
+        meta = read_json(path)
+        model = cls(ALSCGParams.model_validate(meta["params"]))
+        model._set_state(np.load(os.path.join(path, ITEMS_FILE), allow_pickle=False),
+                         np.load(os.path.join(path, ITEM_FACTORS_FILE), allow_pickle=False),
+                         spark.read.parquet(os.path.join(path, USER_FACTORS_DIR)))
         return model

@@ -44,6 +44,7 @@ MODELS: dict[str, Entry] = {
     "popularity": Entry("recsys_spark.models.popularity:PopularityRecommender"),
     "itemknn": Entry("recsys_spark.models.itemknn:ItemKNNRecommender"),
     "als": Entry("recsys_spark.models.als:ALSRecommender", fold_in=True),
+    "als_cg": Entry("recsys_spark.models.als:ALSCGRecommender", fold_in=True),
     "svd": Entry("recsys_spark.models.svd:SVDRecommender"),
     "ease": Entry("recsys_spark.models.ease:EASERecommender"),
     "item2vec": Entry("recsys_spark.models.item2vec:Item2VecRecommender"),
