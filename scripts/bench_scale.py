@@ -4,8 +4,9 @@ For each size a fresh process (one local SparkSession, started before any clock)
 implicit-feedback table with power-law items and users (``interactions``), writes it to Parquet, and
 times on exactly that table:
 
-- **ALS fit**: this project's ``ALSRecommender`` (MLlib, ``defaultParallelism`` blocks) against
-  ``implicit``'s CPU ALS with the same factors, iterations and threads (its default conjugate-gradient
+- **ALS fit**: this project's ``als`` (MLlib, ``defaultParallelism`` blocks) and ``als_cg`` (the same
+  model solved by conjugate gradients on the executors, with implicit's kernel) against ``implicit``'s
+  CPU ALS with the same factors, iterations, regularisation and threads (its default conjugate-gradient
   solver, and ``use_cg=False``: the exact Cholesky solve that MLlib does, i.e. the same algorithm);
 - **top-N for all users with the seen filter**: ours (``recsys_spark.scoring.top_k_from_factors``),
   MLlib's ``recommendForAllUsers`` (no seen filter, so k + the most seen items are asked for; tuned:
@@ -161,7 +162,7 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
     import numpy as np
     from pyspark.sql import functions as F
 
-    from recsys_spark.models.als import ALSParams, ALSRecommender
+    from recsys_spark.models.als import ALSCGParams, ALSCGRecommender, ALSParams, ALSRecommender
     from recsys_spark.session import get_spark
 
     n_users, n_items, n_drawn = SIZES[name]
@@ -177,6 +178,9 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
 
     params = ALSParams(rank=rank, max_iter=iterations, reg_param=0.05, alpha=1.0, seed=seed)
     model = timed_step(steps, "ours_als_fit", lambda: ALSRecommender(params).fit(train))
+    # reg_param 0.05 is implicit's lambda here (als_cg does not scale it by the row's interactions).
+    cg_params = ALSCGParams(rank=rank, max_iter=iterations, reg_param=0.05, alpha=1.0, seed=seed)
+    timed_step(steps, "ours_als_cg_fit", lambda: ALSCGRecommender(cg_params).fit(train).learnt_user_factors())
     users = model.known_users()
     timed_step(steps, "ours_topn_seen_filtered", lambda: materialise(model.recommend(users, k, seen=train)), warm=True)
     # MLlib cannot filter seen items: asking for k + the largest number of seen items a user has is the
@@ -226,6 +230,7 @@ def run_size(name: str, rank: int, iterations: int, k: int, threads: int, block_
         "ratios": {
             "als_fit_ours_over_implicit_cg": seconds["ours_als_fit"] / seconds["implicit_als_fit_cg"],
             "als_fit_ours_over_implicit_cholesky": seconds["ours_als_fit"] / seconds["implicit_als_fit_cholesky"],
+            "als_cg_fit_ours_over_implicit_cg": seconds["ours_als_cg_fit"] / seconds["implicit_als_fit_cg"],
             "topn_mllib_best_over_ours": mllib_best / seconds["ours_topn_seen_filtered"],
             "topn_ours_over_implicit": seconds["ours_topn_seen_filtered"] / seconds["implicit_topn_seen_filtered"],
         },
@@ -254,7 +259,7 @@ def plot(results: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, title, keys in (
-        (axes[0], "ALS fit", ["ours_als_fit", "implicit_als_fit_cg", "implicit_als_fit_cholesky"]),
+        (axes[0], "ALS fit", ["ours_als_fit", "ours_als_cg_fit", "implicit_als_fit_cg", "implicit_als_fit_cholesky"]),
         (axes[1], "top-N, all users", ["ours_topn_seen_filtered", MLLIB_BEST,
                                        "mllib_recommend_for_all_users_k_plus_seen", "implicit_topn_seen_filtered"]),
     ):

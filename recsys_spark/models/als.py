@@ -258,9 +258,9 @@ class ALSCGParams(Section):
 
     rank: int = Field(128, gt=0, description="number of latent factors")
     max_iter: int = Field(10, gt=0)
-    reg_param: float = Field(1.0, ge=0, description="L2 penalty of every factor (Hu et al.'s lambda, not scaled "
-                             "by the row's interactions as MLlib's is)")
-    alpha: float = Field(0.3, ge=0, description="confidence = 1 + alpha * weight")
+    reg_param: float = Field(20.0, ge=0, description="L2 penalty of every factor (Hu et al.'s lambda, not "
+                             "scaled by the row's interactions as MLlib's is)")
+    alpha: float = Field(3.0, ge=0, description="confidence = 1 + alpha * weight")
     cg_steps: int = Field(3, gt=0, description="conjugate-gradient steps per solve, warm-started from the "
                           "previous iteration's factor")
     seed: int = 42
