@@ -9,6 +9,7 @@ import pytest
 from scipy.sparse import csr_matrix
 
 from recsys_spark import tables as tb
+from recsys_spark.errors import RecsysError
 from recsys_spark.models.als import ALSCGParams, ALSCGRecommender
 from recsys_spark.tables import EMBEDDING
 
@@ -79,5 +80,21 @@ def test_folding_in_known_users_solves_the_same_equation(table):
 
 def test_no_usable_rows_is_one_clear_line(spark):
     train = spark.createDataFrame(pd.DataFrame({tb.USER_IDX: [0, 1], tb.ITEM_IDX: [0, 1], tb.WEIGHT: [0.0, 0.0]}))
-    with pytest.raises(Exception, match="als_cg: no training rows with a non-zero weight"):
+    with pytest.raises(RecsysError, match="als_cg: no training rows with a non-zero weight"):
         ALSCGRecommender(ALSCGParams(rank=2, max_iter=1)).fit(train)
+
+
+
+def test_factors_over_the_drivers_result_limit_are_refused_before_the_fit(spark, table):
+    """Every half-iteration collects a factor matrix: one over spark.driver.maxResultSize would fail a
+    job after minutes of work, so the fit stops at once, in one line that names the setting."""
+    _, train = table
+    conf = spark.sparkContext._conf  # the running context's own conf, which the check reads
+    before = conf.get("spark.driver.maxResultSize", "1g")
+    conf.set("spark.driver.maxResultSize", "1m")
+    try:
+        with pytest.raises(RecsysError, match=r"^als_cg: 120 x 3000 factors \(1 MB\) are over "
+                                              r"spark.driver.maxResultSize \(1m\), 1 MB: use als"):
+            ALSCGRecommender(ALSCGParams(rank=3000, max_iter=1)).fit(train)
+    finally:
+        conf.set("spark.driver.maxResultSize", before)

@@ -324,6 +324,20 @@ def cg_half_step(ratings: DataFrame, solve_col: str, other_col: str, previous: n
     return solved, np.sort(np.concatenate(ids))
 
 
+def _check_factor_size(spark, rows: int, rank: int) -> None:
+    """Every half-iteration broadcasts the factor matrices and collects one of them: refuse a size over
+    ``MAX_BROADCAST_BYTES`` or over ``spark.driver.maxResultSize`` (0 = no limit) before the first one,
+    with one line, instead of a failed job minutes later."""
+    size = rows * rank * 4
+    setting = spark.sparkContext.getConf().get("spark.driver.maxResultSize", "1g")
+    result_limit = spark.sparkContext._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(setting)
+    for limit, what in ((MAX_BROADCAST_BYTES, "the broadcast limit"),
+                        (result_limit, f"spark.driver.maxResultSize ({setting})")):
+        if 0 < limit < size:
+            raise RecsysError(f"als_cg: {rows} x {rank} factors ({size / 2**20:.0f} MB) are over {what}, "
+                              f"{limit / 2**20:.0f} MB: use als, or raise the limit")
+
+
 class ALSCGRecommender(ALSRecommender):
     """Implicit ALS (Hu, Koren & Volinsky 2008) solved by conjugate gradients on the executors: the same
     model as ``als``, with ``implicit``'s solver in place of MLlib's exact one.
@@ -366,10 +380,7 @@ class ALSCGRecommender(ALSRecommender):
                 F.max(tb.USER_IDX) + 1, F.max(tb.ITEM_IDX) + 1, F.count(F.lit(1))).first()
             if not n_rows:
                 raise RecsysError("als_cg: no training rows with a non-zero weight")
-            size = max(n_users, n_items) * p.rank * 4
-            if size > MAX_BROADCAST_BYTES:
-                raise RecsysError(f"als_cg: {max(n_users, n_items)} x {p.rank} factors ({size / 2**20:.0f} MB) are "
-                                  f"too large to broadcast (limit {MAX_BROADCAST_BYTES / 2**20:.0f} MB): use als")
+            _check_factor_size(spark, max(n_users, n_items), p.rank)
             # implicit's initialisation (uniform in [0, 0.01), users then items), so that a fit from the
             # same seed follows implicit's own fit step for step.
             rng = np.random.default_rng(p.seed)
