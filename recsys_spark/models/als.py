@@ -11,6 +11,11 @@ scores blocks of users with one BLAS product each, and filters seen items inside
 Users the model never saw get factors without a refit by *folding in* (``fold_in``, ``fold_in_users``):
 one user half-step of ALS with the item factors fixed, the same normal equation MLlib solves, which no
 Spark library offers (``implicit`` calls it ``recalculate_user``).
+
+``als_cg`` (``ALSCGRecommender``) is the same model with ``implicit``'s solver: a few conjugate-gradient
+steps per row on the executors instead of MLlib's exact solve, about 3x faster from 2.5M interactions
+up (docs/BENCHMARKS.md), at the price of holding the user factors on the driver. Both are in this
+module because they share everything after the fit.
 """
 
 from __future__ import annotations
@@ -320,7 +325,7 @@ def cg_half_step(ratings: DataFrame, solve_col: str, other_col: str, previous: n
     for part in ratings.mapInArrow(solve, _SOLVED_SCHEMA).collect():  # one row per task, not per id
         ids.append(np.frombuffer(part["ids"], np.int32))
         solved[ids[-1]] = np.frombuffer(part["factors"], np.float32).reshape(-1, previous.shape[1])
-    shared.unpersist()
+    shared.destroy()  # 20 of these a fit: free the driver's copy too, not only the executors'
     return solved, np.sort(np.concatenate(ids))
 
 
@@ -346,9 +351,10 @@ class ALSCGRecommender(ALSRecommender):
     a few conjugate-gradient steps warm-started from the last iteration's factor reach the same quality
     (Takacs et al. 2011; ``implicit``'s default). Here each half-iteration broadcasts both factor
     matrices, solves each task's rows with ``implicit``'s kernel and collects the new factors, one row per
-    task; so the driver holds users x rank floats (refused above ``MAX_BROADCAST_BYTES``, where ``als``
-    has no such limit). Two differences from ``als``: ``reg_param`` is Hu et al.'s lambda, the same for
-    every row, where MLlib scales it by the row's interactions; and there is no non-negative option.
+    task; so the driver holds users x rank floats (refused above the broadcast limit or
+    ``spark.driver.maxResultSize``, where ``als`` has no such limit). Two differences from ``als``:
+    ``reg_param`` is Hu et al.'s lambda, the same for every row, where MLlib scales it by the row's
+    interactions; and there is no non-negative option.
     Top-N, fold-in and the factor tables are ``als``'s (fold-in solves the same regularised equation).
 
     Examples
