@@ -1,9 +1,10 @@
 """The jobs on a real Spark standalone cluster: one master and two one-core workers on loopback.
 
-spark-submit runs the pipeline with --py-files (the built wheel) on generated events; ALS trains on the
-executors and NCF trains on two Horovod ranks. Asserts that tasks ran in both executor processes, that
-the two ranks ran in two different executors, and that the Delta outputs are complete. The cluster's
-processes are stopped by their ids even when the test fails.
+spark-submit runs the pipeline with --py-files (the built wheel) on generated events; ALS (``als_cg``:
+its conjugate-gradient solves and broadcasts) trains on the executors and NCF trains on two Horovod
+ranks. Asserts that tasks ran in both executor processes, that the two ranks ran in two different
+executors, and that the Delta outputs are complete. The cluster's processes are stopped by their ids
+even when the test fails.
 """
 
 from __future__ import annotations
@@ -132,12 +133,13 @@ def test_pipeline_on_standalone_cluster(cluster, spark, tmp_path):
     warehouse = str(tmp_path / "warehouse")
     small = ["--warehouse", warehouse, "--run-date", "2026-01-02",
              "--set", "generate.events=4000", "--set", "recommend.k=20", "--set", "evaluate.ks=[10,20]",
-             "--set", "models=[popularity,ncf]",
+             "--set", "models=[popularity,als_cg,ncf]",
+             "--set", "model_params.als_cg.rank=8", "--set", "model_params.als_cg.max_iter=3",
              "--set", "model_params.ncf.backend=horovod", "--set", "model_params.ncf.num_proc=2",
              "--set", "model_params.ncf.train.epochs=2", "--set", "model_params.ncf.validation_users=50"]
     result = _spark_submit(cluster, wheel, "pipeline", *small)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-3000:]
     assert summary["status"] == "ok"
 
     # tasks ran in two executor processes, one per worker
@@ -152,6 +154,6 @@ def test_pipeline_on_standalone_cluster(cluster, spark, tmp_path):
     assert len({r["executor_pid"] for r in ranks}) == 2 and None not in {r["executor_pid"] for r in ranks}
 
     recs = spark.read.format("delta").load(tb.table_path(warehouse, tb.RECOMMENDATIONS))
-    assert {r.model for r in recs.select(tb.MODEL).distinct().collect()} == {"popularity", "ncf"}
+    assert {r.model for r in recs.select(tb.MODEL).distinct().collect()} == {"popularity", "als_cg", "ncf"}
     metrics = spark.read.format("delta").load(tb.table_path(warehouse, tb.METRICS))
-    assert metrics.filter("metric = 'ndcg' AND k = 10").count() == 2
+    assert metrics.filter("metric = 'ndcg' AND k = 10").count() == 3
