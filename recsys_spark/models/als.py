@@ -37,7 +37,7 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
-from recsys_spark.scoring import MAX_BROADCAST_BYTES, collect_factors, top_k_from_factors
+from recsys_spark.scoring import MAX_BROADCAST_BYTES, collect_factors, matrix_frame, top_k_from_factors
 from recsys_spark.tables import EMBEDDING, require_columns
 
 log = logging.getLogger(__name__)
@@ -403,8 +403,7 @@ class ALSCGRecommender(ALSRecommender):
         finally:
             by_user.unpersist()
             by_item.unpersist()
-        users = spark.createDataFrame(pd.DataFrame({tb.USER_IDX: user_ids, EMBEDDING: list(x[user_ids])}),
-                                      _FACTORS_SCHEMA)
+        users = matrix_frame(spark, x[user_ids], tb.USER_IDX, user_ids)
         self._set_state(item_ids, np.ascontiguousarray(y[item_ids]), users)
 
     def _set_state(self, item_ids: np.ndarray, items: np.ndarray, users: DataFrame) -> None:
@@ -420,9 +419,7 @@ class ALSCGRecommender(ALSRecommender):
 
     def item_factors(self) -> DataFrame:
         self._fitted()
-        return self._users.sparkSession.createDataFrame(
-            pd.DataFrame({tb.ITEM_IDX: self._item_ids, EMBEDDING: list(self._items)}),
-            f"{tb.ITEM_IDX} int, {EMBEDDING} array<float>")
+        return matrix_frame(self._users.sparkSession, self._items, tb.ITEM_IDX, self._item_ids)
 
     def _save_state(self, path: str) -> dict:
         self._fitted()

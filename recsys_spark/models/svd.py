@@ -57,7 +57,7 @@ from recsys_spark.data.matrix import (
 )
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
-from recsys_spark.scoring import top_k_from_factors
+from recsys_spark.scoring import matrix_frame, top_k_from_factors
 from recsys_spark.tables import EMBEDDING
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,7 @@ class SVDRecommender(Recommender):
     def item_factors(self) -> DataFrame:
         """(item_idx, embedding = the item's row of V_k)."""
         self._fitted()
-        spark = self._users.sparkSession
-        return spark.createDataFrame(pd.DataFrame({tb.ITEM_IDX: self._item_ids, EMBEDDING: list(self._v)}),
-                                     f"{tb.ITEM_IDX} int, {EMBEDDING} array<float>")
+        return matrix_frame(self._users.sparkSession, self._v, tb.ITEM_IDX, self._item_ids)
 
     def known_users(self) -> DataFrame:
         return self.user_factors().select(tb.USER_IDX)
