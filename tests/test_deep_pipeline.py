@@ -22,6 +22,7 @@ from recsys_spark.config import load_config
 from recsys_spark.errors import RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.deepfm import DeepFMNetParams, DeepFMParams, DeepFMRecommender
+from recsys_spark.models.field_base import with_popularity_prior
 from recsys_spark.models.gru4rec import GRU4RecNetParams, GRU4RecParams, GRU4RecRecommender
 from recsys_spark.train.distributed import run_one_rank
 from recsys_spark.train.trainer import TrainConfig
@@ -141,6 +142,51 @@ def test_deepfm_fit_recommend_cold_user_save_load(spark, world, deepfm, tmp_path
     loaded = registry.load("deepfm", spark, str(tmp_path / "model"))
     assert loaded.params == model.params and loaded.spec == model.spec
     pd.testing.assert_frame_equal(_recs(loaded, users, world.train), recs)
+
+
+def test_the_popularity_prior_moves_only_cold_rows_by_the_weight_given():
+    scores = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]], dtype=np.float32)  # [U, n]
+    counts = np.array([1.0, 10.0, 100.0])  # the model's order is the reverse of popularity's
+    cold = np.array([False, True])
+    assert with_popularity_prior(scores, cold, counts, None) is scores
+    small, large = (with_popularity_prior(scores, cold, counts, w) for w in (0.1, 100.0))
+    assert (small[0] == scores[0]).all() and (large[0] == scores[0]).all()  # a warm row as given
+    assert np.argsort(-small[1]).tolist() == [2, 1, 0] and np.argsort(-large[1]).tolist() == [0, 1, 2]
+    z = (scores[1] - scores[1].mean()) / scores[1].std()
+    assert np.allclose(small[1], np.log1p(counts) + 0.1 * z, atol=1e-6)
+    wider = with_popularity_prior(np.hstack([scores, scores[:, :1]]), cold, counts, 0.1)  # an item added since
+    assert np.isclose(wider[1, 3], 0.1 * (3 - 2.25) / np.std([3, 2, 1, 3]), atol=1e-6)  # prior log(1 + 0) = 0
+
+
+@pytest.mark.parametrize("weight", [0.5, None])
+def test_lightfm_ranks_a_cold_user_by_the_prior_plus_its_standardised_scores(spark, world, tmp_path, weight):
+    from recsys_spark.models.lightfm import LightFMNetParams, LightFMParams, LightFMRecommender
+
+    cold = world.train.groupBy(tb.USER_IDX).count().orderBy(F.desc("count"), tb.USER_IDX).first()[0]
+    fit_rows = world.train.filter(F.col(tb.USER_IDX) != cold)
+    model = LightFMRecommender(LightFMParams(backend="local", num_proc=1, validation_users=0, cold_user_weight=weight,
+                                             net=LightFMNetParams(dim=4, seed=0), train=_train_config(None)))
+    model.warehouse, model.run_date, model.workdir = world.warehouse, world.run.run_date, str(tmp_path / "work")
+    model.fit(fit_rows)
+    counts = fit_rows.groupBy(tb.ITEM_IDX).count().toPandas()
+    assert model.item_counts[counts[tb.ITEM_IDX]].tolist() == counts["count"].tolist()
+
+    warm = next(u for u in sorted(r[0] for r in fit_rows.select(tb.USER_IDX).distinct().collect()))
+    users = spark.createDataFrame(pd.DataFrame({tb.USER_IDX: np.array([cold, warm], np.int32)}))
+    recs = _recs(model, users, None, k=model.n_items)
+    factors = {r[tb.USER_IDX]: np.array(r[tb.EMBEDDING]) for r in model.user_factors().collect()}
+    items = np.stack(model.item_factors().toPandas().sort_values(tb.ITEM_IDX)[tb.EMBEDDING].to_numpy())
+    for user in (cold, warm):
+        dots = items @ factors[user]  # f(u, i), every item
+        if user == cold and weight is not None:  # the prior: log(1 + train rows), plus the standardised f
+            dots = np.log1p(model.item_counts) + weight * (dots - dots.mean()) / dots.std()
+        got = recs[recs[tb.USER_IDX] == user]
+        assert np.allclose(got[tb.SCORE].to_numpy(), dots[got[tb.ITEM_IDX].to_numpy()], atol=1e-4)
+        assert np.allclose(got[tb.SCORE].to_numpy(), np.sort(dots)[::-1], atol=1e-4)  # every item, in order
+
+    model.save(str(tmp_path / "model"))
+    loaded = registry.load("lightfm", spark, str(tmp_path / "model"))
+    pd.testing.assert_frame_equal(_recs(loaded, users, None, k=model.n_items), recs)
 
 
 def test_an_exported_training_job_repeats_the_fit_under_ddp_without_spark(world, deepfm, tmp_path):

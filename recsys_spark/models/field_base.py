@@ -43,6 +43,7 @@ from recsys_spark.data.feature_spec import (
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.torch_base import TorchParams, TorchRecommender
 from recsys_spark.scoring import executor_module, top_k_from_scores
+from recsys_spark.tables import EMBEDDING
 from recsys_spark.train import losses
 from recsys_spark.train.task import Holdout, SampledTask
 from recsys_spark.train.trainer import TrainConfig
@@ -50,6 +51,8 @@ from recsys_spark.train.trainer import TrainConfig
 log = logging.getLogger(__name__)
 
 ITEM_FIELDS_FILE = "item_fields.npy"
+ITEM_COUNTS_FILE = "item_counts.npy"  # train rows per item: the popularity prior of cold users
+COLD = "_cold"  # bool beside a query or user vector: the user has no train rows
 CANDIDATES = "_candidates"  # (user_idx, _candidates array<int>): a candidate model's list, best first
 # Every (query, item) pair runs through the network: at most this many pairs per forward pass.
 MAX_PAIRS = 1 << 16
@@ -218,7 +221,38 @@ def score_candidates(module: nn.Module, query: Tensor, items: Tensor, candidates
     return out
 
 
-class FieldParams(TorchParams):
+def with_popularity_prior(scores: np.ndarray, cold: np.ndarray, item_counts: np.ndarray,
+                          weight: float | None) -> np.ndarray:
+    """scores [U, n] with each cold user's row (``cold`` [U] bool) re-scored as
+    ``log(1 + train rows of the item) + weight * z``, z the row's scores standardised over the catalogue;
+    warm rows, and every row when ``weight`` is None, as given.
+
+    Why: a cold user is known by a few side fields (ML-100K: age, gender, occupation, zip region), which
+    a model trained mostly on ids and histories turns into a ranking as sharp as a long history gives. The
+    popularity prior is what such a user most likely wants; the model's standardised scores move it by as
+    much as ``weight`` says, chosen on held-out cold users (``scripts/bench_cold.py``, its validation seed).
+    Popularity within the user's side-field group is the most this can reach (docs/BENCHMARKS.md)."""
+    if weight is None or not cold.any():
+        return scores
+    prior = np.zeros(scores.shape[1])  # items indexed after the fit: no train rows
+    known = min(len(item_counts), len(prior))
+    prior[:known] = np.log1p(item_counts[:known])
+    rows = scores[cold].astype(np.float64)  # [C, n]
+    z = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1, keepdims=True), 1e-12)
+    out = scores.copy()
+    out[cold] = (prior + weight * z).astype(scores.dtype)
+    return out
+
+
+class FeatureParams(TorchParams):
+    """What every model on the feature tables shares: how it ranks for a user without train rows."""
+
+    cold_user_weight: float | None = Field(
+        None, gt=0, description="a user without train rows is ranked by log(1 + item train rows) + this x the "
+                                "model's scores standardised over the catalogue; null: the model's scores alone")
+
+
+class FieldParams(FeatureParams):
     """A field model over ``silver/user_features`` and ``silver/item_features`` (``recsys-spark features``).
 
     ``candidates``: re-rank the top ``candidates_k`` of that model's rows of gold/recommendations for the
@@ -290,9 +324,9 @@ class FeatureRecommender(TorchRecommender):
         return max(n_users, self.spec.cardinalities.get(tb.USER_IDX, 1) - 1), len(self.item_fields)
 
     def _queries(self, users: DataFrame, trained: DataFrame | None) -> DataFrame:
-        """(user_idx, fields): the query block of each of ``users`` that has a feature row. Users not in
-        ``trained`` (None: all are) are cold: their id and activity fields read as unknown (0), so they
-        are scored from their side features, as the id-dropout rows of training were."""
+        """(user_idx, fields, _cold): the query block of each of ``users`` that has a feature row. Users not
+        in ``trained`` (None: all are) are cold (``_cold`` true): their id and activity fields read as
+        unknown (0), so they are scored from their side features, as the id-dropout rows of training were."""
         spark = users.sparkSession
         rows = (self._user_features(spark).filter(F.col(tb.USER_IDX).isNotNull())
                 .join(users.select(tb.USER_IDX), tb.USER_IDX, "left_semi"))
@@ -307,7 +341,8 @@ class FeatureRecommender(TorchRecommender):
         rows = rows.withColumn("_user", F.col(tb.USER_IDX))
         for name in self.spec.history_fields:  # as id dropout trained: id and activity unknown (null -> 0)
             rows = rows.withColumn(name, F.when(F.col("_trained"), F.col(name)))
-        return rows.select(F.col("_user").alias(tb.USER_IDX), assemble(self.spec.user_fields))
+        return rows.select(F.col("_user").alias(tb.USER_IDX), assemble(self.spec.user_fields),
+                           F.col("_trained").isNull().alias(COLD))
 
     def known_users(self) -> DataFrame:
         if not self.warehouse:
@@ -320,11 +355,37 @@ class FeatureRecommender(TorchRecommender):
 
     def _save_extra(self, path: str) -> None:
         np.save(os.path.join(path, ITEM_FIELDS_FILE), self.item_fields, allow_pickle=False)
+        if self.item_counts is not None:
+            np.save(os.path.join(path, ITEM_COUNTS_FILE), self.item_counts, allow_pickle=False)
 
     def _load_extra(self, spark: SparkSession, path: str, meta: dict[str, Any]) -> None:
         self.spec = FeatureSpec.from_dict(meta["feature_spec"])
         self.warehouse = meta.get("warehouse")  # the pipeline sets its own after loading
         self.item_fields = np.load(os.path.join(path, ITEM_FIELDS_FILE), allow_pickle=False)
+        counts = os.path.join(path, ITEM_COUNTS_FILE)
+        if os.path.exists(counts):
+            self.item_counts = np.load(counts, allow_pickle=False)
+        elif self.params.cold_user_weight is not None:
+            log.warning("%s: saved without item counts (before cold_user_weight): cold users are ranked by the "
+                        "model's scores alone; refit to add the popularity prior", self.name)
+            self.params = self.params.model_copy(update={"cold_user_weight": None})
+
+    def _top_k_of_vectors(self, vectors: DataFrame, items: np.ndarray, k: int, seen: DataFrame | None,
+                          exclude_items) -> DataFrame:
+        """Top-``k`` by the dot product of (user_idx, embedding) ``vectors`` with ``items`` [n, d] (row =
+        item_idx), a cold user's scores with the popularity prior (``with_popularity_prior``)."""
+        spark = vectors.sparkSession
+        flagged = vectors.join(self._users.select(tb.USER_IDX).withColumn("_trained", F.lit(True)), tb.USER_IDX,
+                               "left").select(tb.USER_IDX, EMBEDDING, F.col("_trained").isNull().alias(COLD))
+        matrix = spark.sparkContext.broadcast(items.astype(np.float32))
+        counts, weight = self.item_counts, self.params.cold_user_weight
+
+        def scores(part: pd.DataFrame) -> np.ndarray:
+            dots = np.stack(part[EMBEDDING].to_numpy()).astype(np.float32) @ matrix.value.T  # [U, n]
+            return with_popularity_prior(dots, part[COLD].to_numpy(bool), counts, weight)
+
+        return top_k_from_scores(flagged, scores, np.arange(len(items), dtype=np.int32), k, seen, exclude_items,
+                                 self.users_per_block)
 
 
 class FieldRecommender(FeatureRecommender):
@@ -396,6 +457,7 @@ class FieldRecommender(FeatureRecommender):
                               f"{p.max_catalogue}): re-rank another model's top-N with candidates=<model>")
         with_candidates = bool(p.candidates)
         rrf_k = p.rrf_k if p.fusion == "rrf" else None
+        counts, weight = self.item_counts, p.cold_user_weight
 
         def scores(part: pd.DataFrame) -> np.ndarray:
             module = executor_module(network)
@@ -403,7 +465,8 @@ class FieldRecommender(FeatureRecommender):
             query = torch.as_tensor(np.stack(part[tb.FIELDS].to_numpy()).astype(np.int64))  # [U, Fq]
             with torch.no_grad():
                 if not with_candidates:
-                    return score_catalogue(module, query, items).float().numpy()  # [U, n_items]
+                    catalogue = score_catalogue(module, query, items).float().numpy()  # [U, n_items]
+                    return with_popularity_prior(catalogue, part[COLD].to_numpy(bool), counts, weight)
                 return score_candidates(module, query, items, part[CANDIDATES].to_numpy(), n_items, rrf_k=rrf_k)
 
         return top_k_from_scores(queries, scores, np.arange(n_items, dtype=np.int32), k, seen, exclude_items,

@@ -21,11 +21,12 @@ user and item that has them. Untrained identity rows are never read. A departure
 ``id_dropout`` > 0 (0.1 by default) that share of the training rows reads its user the way a cold user
 reads (id and activity fields unknown), so the side features also learn to stand alone, not only as
 small corrections to an identity that a cold user lacks (DropoutNet, Volkovs et al. 2017); 0 is LightFM's
-own training.
+own training. A second departure: a cold user's list adds the popularity prior to f (``cold_user_weight``,
+``field_base.with_popularity_prior``), since f from four side fields alone ranked worse than popularity.
 
 Serving is a dot product: ``user_factors`` is ``[p_u, b_u, 1]`` and ``item_factors`` ``[q_i, 1, b_i]``
-(d + 2 dimensions), whose dot product is exactly f(u, i); ``recommend`` is
-``scoring.top_k_from_factors`` over them, and both land in gold/*_embeddings.
+(d + 2 dimensions), whose dot product is exactly f(u, i); ``recommend`` ranks by it (a cold user's f
+standardised, plus the prior), and both land in gold/*_embeddings.
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ from recsys_spark import tables as tb
 from recsys_spark.config import Section
 from recsys_spark.data.feature_spec import FeatureSpec, field_frame
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.field_base import FeatureRecommender, FeatureTask
-from recsys_spark.models.torch_base import TorchParams
+from recsys_spark.models.field_base import FeatureParams, FeatureRecommender, FeatureTask
 from recsys_spark.nn.lightfm import LightFM
-from recsys_spark.scoring import executor_module, matrix_frame, similar_from_factors, top_k_from_factors
+from recsys_spark.scoring import executor_module, matrix_frame, similar_from_factors
 from recsys_spark.tables import EMBEDDING
 from recsys_spark.train import losses
 from recsys_spark.train.task import Holdout
@@ -75,8 +75,12 @@ class LightFMNetParams(Section):
     seed: int = 42
 
 
-class LightFMParams(TorchParams):
-    """Hyper-parameters of ``lightfm`` (``conf/models/lightfm.yaml``)."""
+class LightFMParams(FeatureParams):
+    """Hyper-parameters of ``lightfm`` (``conf/models/lightfm.yaml``). ``cold_user_weight`` 0.5 was the best
+    of 0.1 to 2 on the validation seed of ``scripts/bench_cold.py`` (docs/BENCHMARKS.md)."""
+
+    cold_user_weight: float | None = Field(0.5, gt=0, description=FeatureParams.model_fields[
+        "cold_user_weight"].description)
 
     net: LightFMNetParams = LightFMNetParams()
     train: TrainConfig = TrainConfig(epochs=50, batch_size=512, lr=0.003, optimizer="adam", schedule="constant",
@@ -229,4 +233,4 @@ class LightFMRecommender(FeatureRecommender):
     # -- scoring --------------------------------------------------------------------------------
     def _recommend(self, users, k, seen, exclude_items):
         vectors = self._user_vectors(self._queries(users, trained=self._users))
-        return top_k_from_factors(vectors, self.item_factors(), k, seen, exclude_items, self.users_per_block)
+        return self._top_k_of_vectors(vectors, self._item_matrix(), k, seen, exclude_items)

@@ -107,6 +107,7 @@ class TorchRecommender(Recommender):
         self.ranks: list[dict[str, Any]] = []
         self._export_path: str | None = None  # set by export_training only
         self.n_users = self.n_items = 0
+        self.item_counts: np.ndarray | None = None  # [n_items] train rows per item, as the fit counted them
         self._users: DataFrame | None = None
 
     def network_class(self) -> type:
@@ -142,6 +143,7 @@ class TorchRecommender(Recommender):
         counts = train.groupBy(tb.ITEM_IDX).count().toPandas()
         item_counts = np.zeros(self.n_items)
         item_counts[counts[tb.ITEM_IDX].to_numpy()] = counts["count"].to_numpy()
+        self.item_counts = item_counts
         self._users = train.select(tb.USER_IDX).distinct()
 
         ranks = 1 if p.backend == "local" else p.num_proc

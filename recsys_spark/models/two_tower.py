@@ -16,11 +16,13 @@ Cold start, as DeepFM: with ``id_dropout`` > 0 a row's user is made cold with th
 activity fields 0, empty history) and each candidate item's id independently, so the towers learn to
 work from side features alone. Items without a train row read id 0 (cold) at training and at serving;
 users without a train row (indexed later, or side-file users) read id, activity and history as unknown.
+Their lists add the popularity prior (``cold_user_weight``, ``field_base.with_popularity_prior``): from
+four side fields the towers alone ranked worse than popularity.
 
 Serving is a dot product: ``item_factors`` are the item tower's outputs for the whole catalogue (items
 indexed after the fit included, from ``silver/item_features``, with id 0), ``user_factors`` the user
-tower's, and ``recommend`` is ``scoring.top_k_from_factors`` over them (scores are cosines). Both land
-in ``gold/*_embeddings``.
+tower's, and ``recommend`` ranks their dot products (scores are cosines; a cold user's standardised, plus
+the prior). Both land in ``gold/*_embeddings``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,9 @@ from recsys_spark.config import Section
 from recsys_spark.data.feature_spec import FeatureSpec, item_field_matrix
 from recsys_spark.data.sequences import user_sequences
 from recsys_spark.errors import RecsysError
-from recsys_spark.models.field_base import FeatureRecommender, FeatureTask
-from recsys_spark.models.torch_base import TorchParams
+from recsys_spark.models.field_base import FeatureParams, FeatureRecommender, FeatureTask
 from recsys_spark.nn.two_tower import TwoTower
-from recsys_spark.scoring import executor_module, matrix_frame, top_k_from_factors
+from recsys_spark.scoring import executor_module, matrix_frame
 from recsys_spark.train import losses, negatives
 from recsys_spark.train.task import Holdout
 from recsys_spark.train.trainer import TrainConfig
@@ -84,8 +85,12 @@ class TwoTowerNetParams(Section):
         return hidden
 
 
-class TwoTowerParams(TorchParams):
-    """Hyper-parameters of ``two_tower`` (``conf/models/two_tower.yaml``)."""
+class TwoTowerParams(FeatureParams):
+    """Hyper-parameters of ``two_tower`` (``conf/models/two_tower.yaml``). ``cold_user_weight`` 0.5 was the
+    best of 0.1 to 2 on the validation seed of ``scripts/bench_cold.py`` (docs/BENCHMARKS.md)."""
+
+    cold_user_weight: float | None = Field(0.5, gt=0, description=FeatureParams.model_fields[
+        "cold_user_weight"].description)
 
     net: TwoTowerNetParams = TwoTowerNetParams()
     train: TrainConfig = TrainConfig(epochs=30, batch_size=512, lr=0.001, optimizer="adam", schedule="constant",
@@ -283,18 +288,19 @@ class TwoTowerRecommender(FeatureRecommender):
     def user_factors(self) -> DataFrame:
         return self._user_vectors(self.known_users())
 
-    def item_factors(self) -> DataFrame:
+    def _item_matrix(self) -> np.ndarray:
+        """The item tower's output for every item [n, d] (row = item_idx), on the driver."""
         if self.module is None:
             raise RecsysError(f"{self.name} is not fitted: call fit() or load() first")
-        spark = self._users.sparkSession
         self.module.eval()
         with torch.no_grad():
-            vectors = self.module.item_vectors(torch.as_tensor(self._item_block(spark))).float().numpy()  # [n, d]
-        return matrix_frame(spark, vectors, tb.ITEM_IDX)
+            return self.module.item_vectors(torch.as_tensor(self._item_block(self._users.sparkSession))).float().numpy()
+
+    def item_factors(self) -> DataFrame:
+        return matrix_frame(self._users.sparkSession, self._item_matrix(), tb.ITEM_IDX)
 
     def _recommend(self, users, k, seen, exclude_items):
-        return top_k_from_factors(self._user_vectors(users), self.item_factors(), k, seen, exclude_items,
-                                  self.users_per_block)
+        return self._top_k_of_vectors(self._user_vectors(users), self._item_matrix(), k, seen, exclude_items)
 
     # -- persistence ----------------------------------------------------------------------------
     def _save_extra(self, path: str) -> None:
