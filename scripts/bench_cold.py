@@ -17,6 +17,10 @@ the fallback and the bar to clear). Protocol, on one data set prepared by the pi
   theirs). Scored on the warm users whose test item is a cold item: the full catalogue ranked, the
   user's train items filtered. Popularity cannot recommend an item nobody interacted with, so it scores
   0 here; a model that places new items from their features alone can do better.
+- **Cold items among the new items**: the same cold items, ranked only against each other (every warm
+  item excluded) for the warm users who used any of them, against all their rows on cold items: which of
+  this week's new items to show a user, LightFM's own cold-start protocol (Kula 2015 ranks the held-out
+  items). Popularity has no order for items nobody used; a seeded random order of them is the reference.
 - **No leak through the features**: the feature tables were built from the training events, the
   held-out users' and items' included, so the fields that grow with use (a user's activity counts,
   recency and favourite category; an item's popularity bucket, ``features.USER_EVENT_FIELDS`` and
@@ -51,9 +55,11 @@ from pathlib import Path
 from typing import Any
 
 import bench_quality as bq  # scripts/, next to this file
+import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from recsys_spark import metrics as M
 from recsys_spark import tables as tb
 from recsys_spark.config import load_config
 from recsys_spark.data.features import UNKNOWN, USER_EVENT_FIELDS
@@ -89,6 +95,14 @@ def scores(recs: DataFrame, truth: DataFrame, train: DataFrame, n_items: int) ->
     return out
 
 
+def random_order_ndcg(truth: DataFrame, items: list[int], seed: int) -> float:
+    """Mean NDCG@10 of each ``truth`` user's ``items`` in a seeded random order: what an order that knows
+    nothing scores (popularity's, for items nobody used yet)."""
+    rng = np.random.default_rng(seed)
+    relevant = truth.toPandas().groupby(tb.USER_IDX)[tb.ITEM_IDX].agg(list)
+    return float(np.mean([M.ndcg(list(rng.permutation(items)[:10]), rel, 10) for rel in relevant]))
+
+
 def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: dict, args, root: str) -> dict:
     if args.warehouse:  # prepared before (e.g. by bench_quality.py): reused, and its feature tables changed
         config = load_config(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml",
@@ -113,9 +127,17 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
                      .join(cold_users, tb.USER_IDX, "left_semi").persist())
     cold_item_test = (test.join(cold_users, tb.USER_IDX, "left_anti").join(cold_items, tb.ITEM_IDX, "left_semi")
                       .join(warm_train.select(tb.USER_IDX).distinct(), tb.USER_IDX, "left_semi").persist())
+    cold_item_all = (train.select(tb.USER_IDX, tb.ITEM_IDX).unionByName(test.select(tb.USER_IDX, tb.ITEM_IDX))
+                     .join(cold_items, tb.ITEM_IDX, "left_semi")
+                     .join(warm_train.select(tb.USER_IDX).distinct(), tb.USER_IDX, "left_semi").persist())
+    new_items = sorted(r[tb.ITEM_IDX] for r in cold_items.collect())
+    old_items = sorted(set(range(n_items)) - set(new_items))  # excluded: the new items ranked among themselves
     result: dict[str, Any] = {"tables": counts, "cold_users": cold_users.count(), "cold_items": cold_items.count(),
                               "warm_train_rows": warm_train.count(),
-                              "cold_item_test_users": cold_item_test.count(), "rows": {}}
+                              "cold_item_test_users": cold_item_test.count(),
+                              "new_item_users": cold_item_all.select(tb.USER_IDX).distinct().count(),
+                              "new_items_random_order": random_order_ndcg(cold_item_all, new_items, args.seed),
+                              "rows": {}}
     log.info("%s: %s", name, {k: v for k, v in result.items() if k != "rows"})
 
     popularity, reference = None, {}  # popularity's per-user NDCG@10 on each cold-user truth
@@ -129,10 +151,14 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
                   else cold_users.join(known.select(tb.USER_IDX), tb.USER_IDX, "left_semi").count())
         warm_users = cold_item_test.select(tb.USER_IDX).distinct()
         item_recs = model.recommend(warm_users, bq.K, seen=warm_train)
+        new_recs = model.recommend(cold_item_all.select(tb.USER_IDX).distinct(), bq.K, exclude_items=old_items)
         result["rows"][row] = {
             "setting": setting, "fit_s": round(seconds, 2), **bq.training_of(model),
             "cold_users_served_by_model": served / max(1, result["cold_users"]),
             "cold_items": scores(item_recs, cold_item_test, warm_train, n_items),
+            "new_items": {**scores(new_recs, cold_item_all, warm_train, n_items),
+                          "vs_random_order": float(bq.user_ndcg(new_recs, cold_item_all).mean()
+                                                   - result["new_items_random_order"])},
         }
         for key, truth in (("cold_users_test_item", cold_user_test), ("cold_users_all_items", cold_user_all)):
             per_user = bq.user_ndcg(cold, truth)
@@ -148,19 +174,24 @@ def table(results: dict) -> str:
     lines = []
     for data, result in results.items():
         lines += [f"\n{data}: {result['cold_users']} cold users, {result['cold_items']} cold items "
-                  f"({result['cold_item_test_users']} warm users whose test item is one)\n",
+                  f"({result['cold_item_test_users']} warm users whose test item is one; "
+                  f"{result.get('new_item_users', 0)} who used one)\n",
                   "| model | served by model | NDCG@10 cold users, test item | NDCG@10 cold users, all items | "
-                  "HR@10 cold items | NDCG@10 cold items |", "|---|---:|---:|---:|---:|---:|"]
+                  "HR@10 cold items | NDCG@10 cold items | NDCG@10 among new items |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for row, r in result["rows"].items():
             cells = []
             for key in ("cold_users_test_item", "cold_users_all_items"):
                 lift = r[key].get("vs_popularity")
                 versus = f" ({lift['lift']:+.4f} ± {lift['lift_se']:.4f})" if lift and row != "popularity" else ""
                 cells.append(f"{r[key]['ndcg@10']:.4f}{versus}")
+            new = f"{r['new_items']['ndcg@10']:.4f}" if "new_items" in r else ""
             lines.append(f"| {row} | {r['cold_users_served_by_model']:.2f} | {cells[0]} | {cells[1]} | "
-                         f"{r['cold_items']['hr@10']:.4f} | {r['cold_items']['ndcg@10']:.4f} |")
+                         f"{r['cold_items']['hr@10']:.4f} | {r['cold_items']['ndcg@10']:.4f} | {new} |")
         lines.append("\n(in brackets: the paired difference from popularity on the same users, and its standard "
                      "error)")
+        if "new_items_random_order" in result:
+            lines.append(f"(among new items, a random order scores {result['new_items_random_order']:.4f})")
     return "\n".join(lines)
 
 
