@@ -345,3 +345,27 @@ def sequence_vectors(sequences: DataFrame, users: DataFrame, snapshot, block: in
     schema = T.StructType([T.StructField(tb.USER_IDX, T.IntegerType()),
                            T.StructField(EMBEDDING, T.ArrayType(T.FloatType()))])
     return sequences.join(users, tb.USER_IDX, "left_semi").mapInPandas(encode, schema)
+
+
+def with_popularity_prior(scores: np.ndarray, cold: np.ndarray, item_counts: np.ndarray,
+                          weight: float | None) -> np.ndarray:
+    """scores [U, n] with each cold user's row (``cold`` [U] bool) re-scored as
+    ``log(1 + train rows of the item) + weight * z``, z the row's scores standardised over its n items (the
+    catalogue, or a user's candidates; ``item_counts`` [n], missing = 0); warm rows, and every row when
+    ``weight`` is None, as given.
+
+    Why: a cold user is known by a few side fields (ML-100K: age, gender, occupation, zip region), which
+    a model trained mostly on ids and histories turns into a ranking as sharp as a long history gives. The
+    popularity prior is what such a user most likely wants; the model's standardised scores move it by as
+    much as ``weight`` says, chosen on held-out cold users (``scripts/bench_cold.py``, its validation seed).
+    Popularity within the user's side-field group is the most this can reach (docs/BENCHMARKS.md)."""
+    if weight is None or not cold.any():
+        return scores
+    prior = np.zeros(scores.shape[1])  # items indexed after the fit: no train rows
+    known = min(len(item_counts), len(prior))
+    prior[:known] = np.log1p(item_counts[:known])
+    rows = scores[cold].astype(np.float64)  # [C, n]
+    z = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1, keepdims=True), 1e-12)
+    out = scores.copy()
+    out[cold] = (prior + weight * z).astype(scores.dtype)
+    return out

@@ -22,8 +22,8 @@ from recsys_spark.config import load_config
 from recsys_spark.errors import RecsysError
 from recsys_spark.models import registry
 from recsys_spark.models.deepfm import DeepFMNetParams, DeepFMParams, DeepFMRecommender
-from recsys_spark.models.field_base import with_popularity_prior
 from recsys_spark.models.gru4rec import GRU4RecNetParams, GRU4RecParams, GRU4RecRecommender
+from recsys_spark.scoring import with_popularity_prior
 from recsys_spark.train.distributed import run_one_rank
 from recsys_spark.train.trainer import TrainConfig
 

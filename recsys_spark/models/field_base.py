@@ -42,7 +42,7 @@ from recsys_spark.data.feature_spec import (
 )
 from recsys_spark.errors import RecsysError
 from recsys_spark.models.torch_base import TorchParams, TorchRecommender
-from recsys_spark.scoring import executor_module, top_k_from_scores
+from recsys_spark.scoring import executor_module, top_k_from_scores, with_popularity_prior
 from recsys_spark.tables import EMBEDDING
 from recsys_spark.train import losses
 from recsys_spark.train.task import Holdout, SampledTask
@@ -221,29 +221,6 @@ def score_candidates(module: nn.Module, query: Tensor, items: Tensor, candidates
     return out
 
 
-def with_popularity_prior(scores: np.ndarray, cold: np.ndarray, item_counts: np.ndarray,
-                          weight: float | None) -> np.ndarray:
-    """scores [U, n] with each cold user's row (``cold`` [U] bool) re-scored as
-    ``log(1 + train rows of the item) + weight * z``, z the row's scores standardised over the catalogue;
-    warm rows, and every row when ``weight`` is None, as given.
-
-    Why: a cold user is known by a few side fields (ML-100K: age, gender, occupation, zip region), which
-    a model trained mostly on ids and histories turns into a ranking as sharp as a long history gives. The
-    popularity prior is what such a user most likely wants; the model's standardised scores move it by as
-    much as ``weight`` says, chosen on held-out cold users (``scripts/bench_cold.py``, its validation seed).
-    Popularity within the user's side-field group is the most this can reach (docs/BENCHMARKS.md)."""
-    if weight is None or not cold.any():
-        return scores
-    prior = np.zeros(scores.shape[1])  # items indexed after the fit: no train rows
-    known = min(len(item_counts), len(prior))
-    prior[:known] = np.log1p(item_counts[:known])
-    rows = scores[cold].astype(np.float64)  # [C, n]
-    z = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1, keepdims=True), 1e-12)
-    out = scores.copy()
-    out[cold] = (prior + weight * z).astype(scores.dtype)
-    return out
-
-
 class FeatureParams(TorchParams):
     """What every model on the feature tables shares: how it ranks for a user without train rows."""
 
@@ -373,7 +350,7 @@ class FeatureRecommender(TorchRecommender):
     def _top_k_of_vectors(self, vectors: DataFrame, items: np.ndarray, k: int, seen: DataFrame | None,
                           exclude_items) -> DataFrame:
         """Top-``k`` by the dot product of (user_idx, embedding) ``vectors`` with ``items`` [n, d] (row =
-        item_idx), a cold user's scores with the popularity prior (``with_popularity_prior``)."""
+        item_idx), a cold user's scores with the popularity prior (``scoring.with_popularity_prior``)."""
         spark = vectors.sparkSession
         flagged = vectors.join(self._users.select(tb.USER_IDX).withColumn("_trained", F.lit(True)), tb.USER_IDX,
                                "left").select(tb.USER_IDX, EMBEDDING, F.col("_trained").isNull().alias(COLD))

@@ -22,7 +22,7 @@ user and item that has them. Untrained identity rows are never read. A departure
 reads (id and activity fields unknown), so the side features also learn to stand alone, not only as
 small corrections to an identity that a cold user lacks (DropoutNet, Volkovs et al. 2017); 0 is LightFM's
 own training. A second departure: a cold user's list adds the popularity prior to f (``cold_user_weight``,
-``field_base.with_popularity_prior``), since f from four side fields alone ranked worse than popularity.
+``scoring.with_popularity_prior``), since f from four side fields alone ranked worse than popularity.
 
 Serving is a dot product: ``user_factors`` is ``[p_u, b_u, 1]`` and ``item_factors`` ``[q_i, 1, b_i]``
 (d + 2 dimensions), whose dot product is exactly f(u, i); ``recommend`` ranks by it (a cold user's f

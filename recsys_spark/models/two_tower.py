@@ -16,7 +16,7 @@ Cold start, as DeepFM: with ``id_dropout`` > 0 a row's user is made cold with th
 activity fields 0, empty history) and each candidate item's id independently, so the towers learn to
 work from side features alone. Items without a train row read id 0 (cold) at training and at serving;
 users without a train row (indexed later, or side-file users) read id, activity and history as unknown.
-Their lists add the popularity prior (``cold_user_weight``, ``field_base.with_popularity_prior``): from
+Their lists add the popularity prior (``cold_user_weight``, ``scoring.with_popularity_prior``): from
 four side fields the towers alone ranked worse than popularity.
 
 Serving is a dot product: ``item_factors`` are the item tower's outputs for the whole catalogue (items
