@@ -6,10 +6,18 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from recsys_spark import tables as tb
-from recsys_spark.models.twostage import LABEL, TwoStageParams, TwoStageRecommender, feature_names
+from recsys_spark.models.twostage import (
+    COLD,
+    LABEL,
+    TwoStageParams,
+    TwoStageRecommender,
+    cold_rows_with_prior,
+    feature_names,
+)
 
 pytestmark = pytest.mark.spark
 
@@ -81,3 +89,17 @@ def test_co_occurrence_features_read_the_users_latest_items_in_time_order():
     np.testing.assert_allclose(got[0], [(0 + cos_13 + cos_23) / 3, (0 + cos_13 + cos_23) / 3, cos_23,
                                         np.log1p(2), np.log1p(1)])
     assert np.isnan(got[1]).all()  # a user without history has no such features
+
+
+def test_only_cold_users_candidates_get_the_popularity_prior_over_their_own_candidates():
+    cands = pd.DataFrame({tb.USER_IDX: [0, 0, 0, 1, 1, 1, 2, 2], tb.ITEM_IDX: [0, 1, 2, 0, 1, 2, 1, 2],
+                          COLD: [False] * 3 + [True] * 5})
+    ranker = np.array([3.0, 2.0, 1.0, 3.0, 2.0, 1.0, 5.0, -5.0])  # the reverse of popularity's order
+    counts = np.array([1.0, 10.0, 100.0])
+    assert cold_rows_with_prior(cands, ranker, counts, None) is ranker
+    out = cold_rows_with_prior(cands, ranker, counts, 0.1)
+    assert (out[:3] == ranker[:3]).all()  # a warm user's rows as the ranker scored them
+    z = np.array([1.0, 0.0, -1.0]) / np.std([1.0, 0.0, -1.0])
+    assert np.allclose(out[3:6], np.log1p(counts) + 0.1 * z)
+    assert np.allclose(out[6:], np.log1p(counts[1:]) + 0.1 * np.array([1.0, -1.0]))  # z over its 2 candidates
+    assert out[5] > out[4] > out[3]  # a small weight: popularity's order

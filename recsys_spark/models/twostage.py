@@ -39,7 +39,11 @@ exactly that question:
 Cold users (a feature row, no train rows) get the early part's most popular items as candidates, with
 no candidate score and no activity, ordered by the ranker from their side features; training sees such
 rows too: a ``cold_share`` of the label users is presented that way (their early items hidden from the
-features). ``cold_share: 0`` leaves cold users to the pipeline's popularity fallback.
+features). ``cold_share: 0`` leaves cold users to the pipeline's popularity fallback. The ranker alone
+ordered them worse than popularity (its cold rows learn the label period's recent items), so their
+order is the popularity prior moved by ``cold_user_weight`` x the ranker's standardised scores
+(``scoring.with_popularity_prior``; 0.1, the best on the next item of ``bench_cold.py``'s validation
+seed).
 
 Driver-side work, logged: the train rows (user, item, time) and the candidate lists (users x
 ``candidates_k`` rows) are collected to build the features; at MovieLens or Taobao-sample size this is
@@ -68,7 +72,7 @@ from recsys_spark.errors import RecsysError
 from recsys_spark.models.base import Recommender, read_json
 from recsys_spark.models.registry import MODELS, model_class
 from recsys_spark.models.registry import load as load_model
-from recsys_spark.scoring import RECS_SCHEMA, top_k_of_scores
+from recsys_spark.scoring import RECS_SCHEMA, top_k_of_scores, with_popularity_prior
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,9 @@ class TwoStageParams(Section):
     popularity_days: float = Field(30.0, gt=0, description="window of the recent-popularity feature")
     cold_share: float = Field(0.1, ge=0, lt=1, description="label users trained as cold (popular candidates, "
                                                            "no history); 0: cold users get no rows")
+    cold_user_weight: float | None = Field(
+        0.1, gt=0, description="a cold user's candidates ordered by log(1 + item train rows) + this x the ranker's "
+                               "scores standardised over them; null: the ranker's scores alone")
     ranker: RankerParams = RankerParams()
 
     removed_keys: ClassVar[dict[str, str]] = {}
@@ -498,6 +505,7 @@ class TwoStageRecommender(Recommender):
         if not len(cands):
             return spark.createDataFrame([], RECS_SCHEMA)
         scores = self.booster.predict(pair_features(self.history, cands, p.popularity_days))
+        scores = cold_rows_with_prior(cands, scores, self.history.item_users, p.cold_user_weight)
         return spark.createDataFrame(top_k_candidates(cands, scores, k), RECS_SCHEMA)
 
     # -- save / load --------------------------------------------------------------------------------------
@@ -532,6 +540,21 @@ class TwoStageRecommender(Recommender):
         if self.candidate_model is None:
             raise RecsysError("the two-stage model is not fitted: call fit() or load() first")
         return self.candidate_model
+
+
+def cold_rows_with_prior(cands: pd.DataFrame, scores: np.ndarray, item_counts: np.ndarray,
+                         weight: float | None) -> np.ndarray:
+    """``scores`` [N] of candidate rows (user_idx, item_idx, _cold) with each cold user's rows re-scored by
+    ``scoring.with_popularity_prior`` over that user's candidates (``item_counts`` [n_items]: train rows)."""
+    cold = np.flatnonzero(cands[COLD].to_numpy(bool))
+    if weight is None or not len(cold):
+        return scores
+    out = np.asarray(scores, dtype=np.float64).copy()
+    items = cands[tb.ITEM_IDX].to_numpy(np.int64)
+    for at in pd.Series(cold).groupby(cands[tb.USER_IDX].to_numpy()[cold]).agg(list):  # one cold user's rows
+        counts = item_counts[items[at]]  # [C], the user's candidates
+        out[at] = with_popularity_prior(out[at][None, :], np.ones(1, bool), counts, weight)[0]
+    return out
 
 
 def top_k_candidates(cands: pd.DataFrame, scores: np.ndarray, k: int) -> pd.DataFrame:
