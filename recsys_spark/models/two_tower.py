@@ -225,7 +225,7 @@ class TwoTowerRecommender(FeatureRecommender):
         spark = train.sparkSession
         length = self.params.net.history_len
         fit_rows, held = self._hold_out_last(train)
-        blocks = self._queries(fit_rows.select(tb.USER_IDX).distinct(), trained=None)  # (user_idx, fields)
+        blocks = self._queries(fit_rows.select(tb.USER_IDX).distinct(), trained=None)  # (user_idx, fields, _cold)
         frame = prefix_histories(fit_rows, length).join(blocks, tb.USER_IDX)
         holdout = None
         if held is not None:
