@@ -152,13 +152,13 @@ def run_dataset(spark, data_dir: Path, name: str, models: list[str], settings: d
         warm_users = cold_item_test.select(tb.USER_IDX).distinct()
         item_recs = model.recommend(warm_users, bq.K, seen=warm_train)
         new_recs = model.recommend(cold_item_all.select(tb.USER_IDX).distinct(), bq.K, exclude_items=old_items)
+        new_scores = scores(new_recs, cold_item_all, warm_train, n_items)
         result["rows"][row] = {
             "setting": setting, "fit_s": round(seconds, 2), **bq.training_of(model),
             "cold_users_served_by_model": served / max(1, result["cold_users"]),
             "cold_items": scores(item_recs, cold_item_test, warm_train, n_items),
-            "new_items": {**scores(new_recs, cold_item_all, warm_train, n_items),
-                          "vs_random_order": float(bq.user_ndcg(new_recs, cold_item_all).mean()
-                                                   - result["new_items_random_order"])},
+            "new_items": {**new_scores,
+                          "vs_random_order": new_scores["ndcg@10"] - result["new_items_random_order"]},
         }
         for key, truth in (("cold_users_test_item", cold_user_test), ("cold_users_all_items", cold_user_all)):
             per_user = bq.user_ndcg(cold, truth)
